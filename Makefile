@@ -1,0 +1,43 @@
+# vidistill — the two commands of the README:
+#   make demo   set up .venv and run the main job (the whole pipeline, locally)
+#   make test   set up .venv and run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# CPU machines: pip must take the CPU build of torch, never the CUDA one. Where the CPU wheel is not
+# on a local find-links path, point TORCH_INDEX_URL at PyTorch's CPU wheel index.
+TORCH_INDEX_URL ?=
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ORT_EXTRA := $(if $(HAS_GPU),gpu,cpu)
+TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
+PROFILE ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	@if [ -z "$(HAS_GPU)" ]; then echo "[setup] no GPU: installing the CPU build of torch==$(TORCH_VERSION)"; fi
+	$(PIP) install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS) 2>&1 | grep -v "is ignored" || true
+	@$(PY) -c "import torch,sys; v=torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else 'torch ' + v + ' installed, expected $(TORCH_VERSION)')"
+	@if [ -z "$(HAS_GPU)" ]; then $(PY) -c "import torch,sys; sys.exit('a CUDA build of torch was installed on a CPU machine; set TORCH_INDEX_URL to the CPU wheel index') if torch.version.cuda else None"; fi
+	$(PIP) install -q -c constraints.txt -e ".[$(ORT_EXTRA),dev]" 2>&1 | grep -v "is ignored" || true
+	@$(PY) -c "import vidistill, torch, av, cv2, onnxruntime, mlflow, kfp" 
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/vidistill demo --profile $(PROFILE)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/vidistill bench prep
+
+clean:
+	rm -rf $(VENV) data runs outputs mlflow.db mlartifacts

@@ -1,0 +1,274 @@
+"""Stage configurations: one dataclass per stage, one `params.yaml` section per stage.
+
+Values come from (lowest to highest priority) the dataclass defaults, the stage's section of
+`params.yaml`, and command-line flags. Every value is validated before any work starts
+(`validate()`), so a bad parameter is refused with a message naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("ucf101", "hmdb51", "folder", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A parameter a user gave is invalid; the message names it and what to do."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic motion dataset (see `vidistill.data.synthetic`)."""
+
+    out: str = "data/raw/synthetic"
+    domain: int = 0  # which class set and look; several domains give several datasets
+    videos_per_class: int = 24
+    frames: int = 24  # frames per generated video
+    width: int = 96
+    height: int = 72
+    fps: int = 12
+    seed: int = 0
+    codec: str = "mpeg4"  # any encoder PyAV has; mpeg4 is fast and always present
+
+    def validate(self) -> None:
+        _check(self.domain >= 0, f"synth.domain must be >= 0, got {self.domain}")
+        _check(self.videos_per_class >= 2, f"synth.videos_per_class must be >= 2 (one train, one test), got {self.videos_per_class}")
+        _check(self.frames >= 2, f"synth.frames must be >= 2, got {self.frames}")
+        _check(self.width >= 16 and self.height >= 16, f"synth size must be at least 16x16, got {self.width}x{self.height}")
+        _check(self.width % 2 == 0 and self.height % 2 == 0, f"synth width/height must be even for the encoder, got {self.width}x{self.height}")
+
+
+@dataclass
+class PrepConfig:
+    """Decode videos, sample fixed-size clips, write uint8 shards and a manifest."""
+
+    dataset: str = "synthetic"  # ucf101 | hmdb51 | folder | synthetic
+    root: str = "data/raw/synthetic"
+    out: str = "data/clips"
+    split: int = 1  # official split number for ucf101 (1-3) / hmdb51 (1-3)
+    frames: int = 8  # T, frames per clip
+    stride: int = 2  # temporal stride between sampled frames (train segment sampling)
+    short_side: int = 64  # resize so the short side is this many pixels
+    crop: int = 56  # square crop size H = W
+    clips_per_video_train: int = 1
+    clips_per_video_test: int = 1  # >1 = multi-clip evaluation (uniformly spread clips)
+    test_fraction: float = 0.3  # folder/synthetic layouts: stratified, seeded split
+    short_policy: str = "loop"  # videos shorter than T*stride: "loop" frames or "pad" with the last one
+    shard_size: int = 256  # clips per shard file
+    workers: int = 2  # decoding processes
+    seed: int = 0
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def validate(self) -> None:
+        _check(self.dataset in DATASETS, f"prep.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        _check(self.frames >= 1, f"prep.frames must be >= 1, got {self.frames}")
+        _check(self.stride >= 1, f"prep.stride must be >= 1, got {self.stride}")
+        _check(self.crop >= 8, f"prep.crop must be >= 8 pixels, got {self.crop}")
+        _check(self.short_side >= self.crop, f"prep.short_side ({self.short_side}) must be >= prep.crop ({self.crop})")
+        _check(self.clips_per_video_train >= 1 and self.clips_per_video_test >= 1, "prep.clips_per_video_* must be >= 1")
+        _check(0.0 < self.test_fraction < 1.0, f"prep.test_fraction must be in (0, 1), got {self.test_fraction}")
+        _check(self.short_policy in ("loop", "pad"), f"prep.short_policy must be 'loop' or 'pad', got {self.short_policy!r}")
+        _check(self.shard_size >= 1, f"prep.shard_size must be >= 1, got {self.shard_size}")
+        _check(self.workers >= 1, f"prep.workers must be >= 1, got {self.workers}")
+        if self.dataset in ("ucf101", "hmdb51"):
+            _check(self.split in (1, 2, 3), f"prep.split must be 1, 2 or 3 for {self.dataset}, got {self.split}")
+        self.synth.validate()
+
+
+@dataclass
+class FlowConfig:
+    """TV-L1 optical flow for every clip from prep: `vidistill flow`."""
+
+    clips: str = "data/clips"
+    out: str = "data/flow"
+    backend: str = "torch"  # torch | opencv
+    device: str = "auto"  # auto | cpu | cuda[:N] (torch backend)
+    batch_size: int = 64  # frame pairs per TV-L1 call (bounds memory)
+    bound: float = 20.0  # uint8 storage clips flow to [-bound, bound] pixels
+    workers: int = 2  # opencv backend processes / torch CPU threads
+    # TV-L1 parameters, OpenCV DualTVL1 names and defaults
+    tau: float = 0.25
+    lambda_: float = 0.15
+    theta: float = 0.3
+    nscales: int = 5
+    warps: int = 5
+    epsilon: float = 0.01
+    inner_iterations: int = 30
+    outer_iterations: int = 10
+    scale_step: float = 0.8
+    median_filtering: int = 5
+
+    def validate(self) -> None:
+        _check(self.backend in ("torch", "opencv"), f"flow.backend must be 'torch' or 'opencv', got {self.backend!r}")
+        _check(self.batch_size >= 1, f"flow.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.bound > 0, f"flow.bound must be > 0, got {self.bound}")
+        _check(self.nscales >= 1 and self.warps >= 1, "flow.nscales and flow.warps must be >= 1")
+        _check(0 < self.scale_step < 1, f"flow.scale_step must be in (0, 1), got {self.scale_step}")
+        _check(self.median_filtering in (0, 1, 3, 5), f"flow.median_filtering must be 0, 1, 3 or 5, got {self.median_filtering}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by teachers and students (the training loop)."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    optimizer: str = "adamw"  # adamw | sgd
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.0
+    hflip: bool = False  # off by default: synthetic classes are left/right motions
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0
+    grad_clip: float = 5.0
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        _check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1, f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
+        _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass
+class TeachConfig:
+    """Teacher training: `vidistill teach`."""
+
+    clips: str = "data/clips"
+    flow: str = "data/flow"  # used when modality == "flow"
+    out: str = "runs/teacher_rgb"
+    modality: str = "rgb"  # rgb | flow
+    model: str = "r2plus1d_teacher"
+    resume: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        _check(self.modality in ("rgb", "flow"), f"teach.modality must be 'rgb' or 'flow', got {self.modality!r}")
+        from vidistill.models import list_models
+
+        _check(self.model in list_models(), f"teach.model {self.model!r} is not a registered model; choose one of: {', '.join(list_models())}")
+        self.train.validate()
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation: `vidistill evaluate`."""
+
+    clips: str = "data/clips"
+    flow: str = "data/flow"
+    checkpoint: str = "runs/teacher_rgb/model.pt"
+    out: str = "runs/teacher_rgb/eval"
+    split: str = "test"
+    batch_size: int = 32
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.split in ("train", "test"), f"evaluate.split must be 'train' or 'test', got {self.split!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# params.yaml <-> dataclasses
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a (possibly partial) dict, refusing unknown keys."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; valid keys: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        value = data[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = from_dict(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, default, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    if default is None or value is None:
+        return value
+    target = type(default)
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if target in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return list(value)
+    try:
+        if target is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return target(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a {target.__name__}, got {value!r}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def params_hash(cfg: Any) -> str:
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read params.yaml; a missing file means 'all defaults'."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    with p.open() as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of stage sections, got {type(data).__name__}")
+    return data
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `d["a"]["b"] = value` for `dotted == "a.b"`."""
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"cannot set {dotted}: {k} is not a section")
+    cur[keys[-1]] = value
