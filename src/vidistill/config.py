@@ -154,7 +154,7 @@ class TeachConfig:
 
     clips: str = "data/clips"
     flow: str = "data/flow"  # used when modality == "flow"
-    out: str = "runs/teacher_rgb"
+    out: str = ""  # empty: runs/teacher_<modality>
     modality: str = "rgb"  # rgb | flow
     model: str = "r2plus1d_teacher"
     resume: bool = False
@@ -162,6 +162,7 @@ class TeachConfig:
 
     def validate(self) -> None:
         _check(self.modality in ("rgb", "flow"), f"teach.modality must be 'rgb' or 'flow', got {self.modality!r}")
+        self.out = self.out or f"runs/teacher_{self.modality}"
         from vidistill.models import list_models
 
         _check(self.model in list_models(), f"teach.model {self.model!r} is not a registered model; choose one of: {', '.join(list_models())}")

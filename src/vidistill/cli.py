@@ -1,0 +1,196 @@
+"""The `vidistill` command: a thin edge over `vidistill.stages`.
+
+Every stage command reads its section of `params.yaml` (`--params`), then applies command-line
+flags, which are generated from the stage's config dataclass (`--epochs 3`, `--synth-domain 1`;
+`--set section.key=value` reaches anything), validates, and calls one function in `stages`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from vidistill import config as C
+
+# command -> (params.yaml section, config class)
+STAGE_CONFIGS: dict[str, tuple[str, type]] = {
+    "synth": ("prep.synth", C.SynthConfig),
+    "prep": ("prep", C.PrepConfig),
+    "flow": ("flow", C.FlowConfig),
+    "teach": ("teach", C.TeachConfig),
+    "evaluate": ("evaluate", C.EvaluateConfig),
+}
+
+
+def _leaf_fields(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field]]:
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            out += _leaf_fields(type(default), prefix + (f.name,))
+        else:
+            out.append((prefix + (f.name,), f))
+    return out
+
+
+def _flag(path: tuple[str, ...]) -> str:
+    """`("epochs",)` -> `--epochs`; `("train", "epochs")` -> `--epochs`; `("synth", "domain")` -> `--synth-domain`."""
+    parts = path[1:] if path[0] == "train" else path
+    return "--" + "-".join(parts).rstrip("_").replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    for path, f in _leaf_fields(cls):
+        flag = _flag(path)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        kind = type(default)
+        help_text = f"(params: {'.'.join(path)}; default {default!r})"
+        if kind is bool:
+            parser.add_argument(flag, dest="cfg:" + ".".join(path), action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest="cfg:" + ".".join(path), default=None, metavar=path[-1].upper(), help=help_text)
+
+
+def build_config(section: str, cls: type, args: argparse.Namespace) -> Any:
+    """dataclass defaults < params.yaml[section] < --set < flags; validated before returning."""
+    data: Any = C.load_params(args.params)
+    for key in section.split("."):
+        data = (data or {}).get(key) or {}
+    if not isinstance(data, dict):
+        raise C.ConfigError(f"section {section!r} of {args.params} must be a mapping")
+    data = json.loads(json.dumps(data))
+    for item in args.set or []:
+        if "=" not in item:
+            raise C.ConfigError(f"--set takes key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        C.set_dotted(data, key.removeprefix(section + "."), value)
+    for key, value in vars(args).items():
+        if key.startswith("cfg:") and value is not None:
+            C.set_dotted(data, key[4:], value)
+    cfg = C.from_dict(cls, data, where=f"{section}.")
+    cfg.validate()
+    return cfg
+
+
+def _print(obj: Any) -> None:
+    from rich.console import Console
+
+    Console().print_json(json.dumps(obj, default=str))
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_synth(cfg: C.SynthConfig, args: argparse.Namespace) -> None:
+    from vidistill.data import generate
+
+    path = generate(cfg, progress=not args.quiet)
+    print(f"synthetic videos written to {path}")
+
+
+def cmd_prep(cfg: C.PrepConfig, args: argparse.Namespace) -> None:
+    from vidistill import stages
+
+    s = stages.prep(cfg, progress=not args.quiet, track=not args.no_track)
+    _summarise_prep(s)
+
+
+def _summarise_prep(s: dict[str, Any]) -> None:
+    splits = ", ".join(f"{k}: {v['clips']} clips / {v['videos']} videos" for k, v in s["splits"].items())
+    print(f"prep: {splits} -> {s['out']} ({s.get('frames_per_s', 0):.0f} decoded frames/s)")
+    if s["skipped"]:
+        print(f"prep: {len(s['skipped'])} input(s) skipped:")
+        for item in s["skipped"]:
+            print(f"  - {item['file']}: {item['reason']}")
+
+
+def cmd_flow(cfg: C.FlowConfig, args: argparse.Namespace) -> None:
+    from vidistill import stages
+
+    s = stages.flow(cfg, progress=not args.quiet, track=not args.no_track)
+    print(f"flow: {s.get('pairs', 0)} pairs in {s.get('seconds', 0):.1f} s -> {cfg.out}; failed: {len(s.get('failed', []))}")
+
+
+def cmd_teach(cfg: C.TeachConfig, args: argparse.Namespace) -> None:
+    from vidistill import stages
+
+    s = stages.teach(cfg, progress=not args.quiet, track=not args.no_track)
+    print(f"teach ({cfg.modality}): top1 {s['top1']:.3f} top5 {s['top5']:.3f} mAP {s['mAP']:.3f} -> {s['model']}")
+
+
+def cmd_evaluate(cfg: C.EvaluateConfig, args: argparse.Namespace) -> None:
+    from vidistill import stages
+
+    m = stages.evaluate(cfg, track=not args.no_track)
+    print(f"evaluate: top1 {m['top1']:.3f} top5 {m['top5']:.3f} mAP {m['mAP']:.3f} "
+          f"mean-class {m['mean_class_accuracy']:.3f} -> {m['files']['metrics']}, {m['files']['confusion']}")
+
+
+COMMANDS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
+    "synth": cmd_synth, "prep": cmd_prep, "flow": cmd_flow, "teach": cmd_teach, "evaluate": cmd_evaluate,
+}
+HELP = {
+    "synth": "generate the synthetic motion dataset (real encoded videos, folder layout)",
+    "prep": "decode videos into fixed-size uint8 clip shards + manifest",
+    "flow": "TV-L1 optical flow for every clip (stored as uint8, bound 20)",
+    "teach": "train a teacher (RGB or flow stream) and evaluate it",
+    "evaluate": "top-1/top-5/mAP/per-class/confusion of one model or an ensemble (comma-separated checkpoints)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidistill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (section, cls) in STAGE_CONFIGS.items():
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml; missing = defaults)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"override any key of section {section!r}")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+        add_config_flags(p, cls)
+    demo = sub.add_parser("demo", help="the main job: synthetic data -> prep -> teacher -> evaluation")
+    demo.add_argument("--profile", default="demo", choices=["tiny", "demo", "large"])
+    demo.add_argument("--workdir", default=".", help="where data/, runs/ and mlflow.db go")
+    demo.add_argument("--no-track", action="store_true")
+    bench = sub.add_parser("bench", help="benchmarks (numbers for the README)")
+    bench.add_argument("what", choices=["prep", "flow"])
+    bench.add_argument("--quick", action="store_true", help="fewer items, for a smoke run")
+    bench.add_argument("--json", help="also write the results to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in STAGE_CONFIGS:
+            section, cls = STAGE_CONFIGS[args.command]
+            cfg = build_config(section, cls, args)
+            COMMANDS[args.command](cfg, args)
+        elif args.command == "demo":
+            from vidistill.demo import run_demo
+
+            run_demo(profile=args.profile, workdir=Path(args.workdir), track=not args.no_track)
+        elif args.command == "bench":
+            from vidistill.bench import run_bench
+
+            results = run_bench(args.what, quick=args.quick)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    except (C.ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"vidistill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vidistill {args.command}: interrupted; rerun with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""One function per pipeline stage: a validated config in, files out, a summary dict back.
+
+These are the single edge every runner calls: the `vidistill` CLI, the DVC stages and the Kubeflow
+components. Tracking happens here (never inside models or losses).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from vidistill.config import EvaluateConfig, FlowConfig, PrepConfig, TeachConfig, flatten, params_hash
+
+
+class _NoTracker:
+    run_id = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path) -> None:
+        pass
+
+    def log_artifacts(self, path: str | Path) -> None:
+        pass
+
+
+@contextmanager
+def tracked(stage: str, cfg: Any, *, tags: dict[str, str] | None = None, track: bool = True) -> Iterator[Any]:
+    """An MLflow child run for `stage` (params, lineage tags); a no-op logger when `track` is off."""
+    if not track:
+        yield _NoTracker()
+        return
+    from vidistill.registry.tracking import stage_run
+
+    params = flatten(asdict(cfg))
+    all_tags = {"vidistill.params_hash": params_hash(cfg), **(tags or {})}
+    with stage_run(stage, params=params, tags=all_tags) as run:
+        yield run
+
+
+def _numeric(d: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
+
+
+def _manifest_hash(clips_dir: str | Path) -> str:
+    p = Path(clips_dir) / "manifest.json"
+    return json.loads(p.read_text()).get("hash", "unknown") if p.exists() else "unknown"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def prep(cfg: PrepConfig, *, progress: bool = True, track: bool = True) -> dict[str, Any]:
+    """Decode videos into fixed-size uint8 clip shards (`vidistill prep`)."""
+    cfg.validate()
+    from vidistill.data import run_prep
+
+    with tracked("prep", cfg, track=track) as run:
+        summary = run_prep(cfg, progress=progress)
+        run.log_metrics(_numeric({f"{s}_clips": v["clips"] for s, v in summary["splits"].items()} |
+                                 {"skipped": len(summary["skipped"]), "frames_per_s": summary.get("frames_per_s", 0)}))
+        run.log_artifact(Path(cfg.out) / "manifest.json")
+    return summary
+
+
+def flow(cfg: FlowConfig, *, progress: bool = True, track: bool = True) -> dict[str, Any]:
+    """TV-L1 flow for every clip (`vidistill flow`)."""
+    cfg.validate()
+    from vidistill.flow.stage import run_flow
+
+    with tracked("flow", cfg, tags={"vidistill.data_hash": _manifest_hash(cfg.clips)}, track=track) as run:
+        summary = run_flow(cfg, progress=progress)
+        run.log_metrics(_numeric(summary))
+    return summary
+
+
+def teach(cfg: TeachConfig, *, progress: bool = True, track: bool = True,
+          stop_after_epochs: int | None = None) -> dict[str, Any]:
+    """Train a teacher (`vidistill teach`): RGB or flow stream, then evaluate it on the test split."""
+    cfg.validate()
+    from vidistill.data import ClipDataset
+    from vidistill.models import create_model
+    from vidistill.train import Supervised, fit, save_model
+
+    out = Path(cfg.out)
+    flow_root = cfg.flow if cfg.modality == "flow" else None
+    train_set = ClipDataset(cfg.clips, "train", flow_root=flow_root)
+    kwargs = {"num_classes": train_set.num_classes, "frames": train_set.frames, "size": train_set.size,
+              "modality": cfg.modality}
+    model = create_model(cfg.model, **kwargs)
+    tags = {"vidistill.data_hash": _manifest_hash(cfg.clips), "vidistill.method": f"teacher_{cfg.modality}"}
+    with tracked(f"teach_{cfg.modality}", cfg, tags=tags, track=track) as run:
+        t0 = time.perf_counter()
+        history = fit(Supervised(model, label_smoothing=cfg.train.label_smoothing), train_set, cfg.train, out,
+                      resume=cfg.resume, progress=progress, stop_after_epochs=stop_after_epochs,
+                      on_epoch_end=lambda e, m: run.log_metrics(_numeric(m), step=e))
+        if len(history) < cfg.train.epochs:  # interrupted on purpose (tests); nothing final to write
+            return {"epochs_done": len(history), "out": str(out)}
+        save_model(out / "model.pt", model, name=cfg.model, kwargs=kwargs, classes=train_set.classes,
+                   extra={"modality": cfg.modality, "run_id": run.run_id})
+        from vidistill.evaluate.runner import plot_curves
+
+        plot_curves(history, out / "loss_curves.png", title=f"{cfg.model} ({cfg.modality})")
+        run.log_artifact(out / "loss_curves.png")
+        result = evaluate(EvaluateConfig(clips=cfg.clips, flow=cfg.flow, checkpoint=str(out / "model.pt"),
+                                         out=str(out / "eval"), device=cfg.train.device), track=False)
+        run.log_metrics(_numeric({k: result[k] for k in ("top1", "top5", "mAP", "mean_class_accuracy")}))
+        run.log_artifacts(out / "eval")
+    return {"out": str(out), "model": str(out / "model.pt"), "train_seconds": time.perf_counter() - t0,
+            "history": history, "run_id": run.run_id, **{k: result[k] for k in ("top1", "top5", "mAP")}}
+
+
+def evaluate(cfg: EvaluateConfig, *, track: bool = True) -> dict[str, Any]:
+    """Evaluate one model, or the softmax average of several (comma-separated `checkpoint`: two-stream)."""
+    cfg.validate()
+    from vidistill.data import ClipDataset
+    from vidistill.evaluate.runner import predict, score, write_report
+    from vidistill.train import load_model, resolve_device
+
+    device = resolve_device(cfg.device)
+    paths = [p.strip() for p in cfg.checkpoint.split(",") if p.strip()]
+    loaded = [load_model(p, device=str(device)) for p in paths]
+    models = [m for m, _ in loaded]
+    needs_flow = any(getattr(m, "modality", "rgb") == "flow" for m in models)
+    dataset = ClipDataset(cfg.clips, cfg.split, flow_root=cfg.flow if needs_flow else None)
+    for p, (_, info) in zip(paths, loaded):
+        if info["classes"] != dataset.classes:
+            raise ValueError(f"{p} was trained on classes {info['classes']} but {cfg.clips} has {dataset.classes}; "
+                             "evaluate on the dataset the model was trained on")
+    with tracked("evaluate", cfg, tags={"vidistill.data_hash": _manifest_hash(cfg.clips)}, track=track) as run:
+        pred = predict(models, dataset, batch_size=cfg.batch_size, device=device)
+        probs = pred["probs"].mean(axis=0)  # ensemble = average of softmax
+        metrics = score(probs, pred["labels"], pred["video_ids"], dataset.classes)
+        if len(models) > 1:
+            metrics["members"] = {p: score(pr, pred["labels"], pred["video_ids"], dataset.classes)["top1"]
+                                  for p, pr in zip(paths, pred["probs"])}
+        metrics["checkpoints"] = paths
+        metrics["split"] = cfg.split
+        title = " + ".join(info["name"] + f" ({info['extra'].get('modality', 'rgb')})" for _, info in loaded)
+        files = write_report(metrics, cfg.out, title=title)
+        run.log_metrics(_numeric({k: metrics[k] for k in ("top1", "top5", "mAP", "mean_class_accuracy")}))
+        run.log_artifacts(cfg.out)
+    metrics["files"] = {k: str(v) for k, v in files.items()}
+    return metrics

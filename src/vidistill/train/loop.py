@@ -1,0 +1,368 @@
+"""The training loop shared by teachers and students.
+
+A training job is a `TrainTask`: an `nn.Module` that owns the student (a plain model that exports
+on its own), any frozen teachers and any extra trainable modules (decoders, adapters). The loop
+only knows the task's three hooks:
+
+* `on_epoch_start(epoch)`: snapshots (self-distillation), sample selection (SAKD), ...
+* `forward(batch) -> {"loss", "logits", <named terms>}`: one step; per-sample weights, input
+  masking or interruption happen inside, so every method fits the same loop;
+* `trainable_parameters()`: what the optimizer updates.
+
+Determinism and resume: the shuffling order of epoch `e` depends only on `(seed, e)`, the global
+torch RNG state is saved in each per-epoch checkpoint, and the checkpoint is written atomically, so
+`--resume` after an interruption reaches the same final weights as an uninterrupted run with the
+same seed (on CPU; CUDA kernels may be non-deterministic).
+
+Distributed data parallel: under `torchrun` (WORLD_SIZE > 1 in the environment) the task is wrapped
+in `DistributedDataParallel` (NCCL on CUDA, gloo on CPU), each rank sees its shard of every epoch's
+permutation, the per-rank batch is `batch_size // world_size` (same global batch), and only rank 0
+writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vidistill.config import TrainConfig
+
+CHECKPOINT = "last.pt"
+
+
+class TrainTask(nn.Module):
+    """Base class of everything the loop trains (supervised teachers, distillation methods)."""
+
+    student: nn.Module
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters the optimizer updates (default: all that require grad)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each epoch (0-based), also on the first epoch after a resume."""
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def model_input(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The tensor a model reads from a batch: `flow` for flow-stream models, else `rgb`."""
+    key = "flow" if getattr(model, "modality", "rgb") == "flow" else "rgb"
+    if key not in batch:
+        raise ValueError(f"model expects {key!r} input but the batch has only {sorted(batch)}; for flow models pass the flow directory")
+    return batch[key]
+
+
+class Supervised(TrainTask):
+    """Plain cross-entropy training (teachers and the no-distillation baseline)."""
+
+    def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.student = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits, _ = self.student(model_input(self.student, batch))
+        ce = nn.functional.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
+        return {"loss": ce, "logits": logits, "ce": ce}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` -> CUDA when available, else CPU; refuses a CUDA device that is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(False)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write with torch.save to a temp file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class EpochPermutation(Sampler[int]):
+    """Shuffled indices whose order depends only on (seed, epoch) — resume-safe, rank-sharded."""
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world, self.epoch = n, seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        if self.world > 1:  # pad so every rank gets the same number of samples
+            perm += perm[: (-len(perm)) % self.world]
+            perm = perm[self.rank :: self.world]
+        return perm
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack dataset items into a batch (tensors stacked, ints to int64 tensors)."""
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        if isinstance(vals[0], torch.Tensor):
+            out[key] = torch.stack(vals)
+        elif isinstance(vals[0], (int, float)):
+            out[key] = torch.tensor(vals)
+        else:
+            out[key] = vals
+    return out
+
+
+def hflip_batch(batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+    """Random horizontal flip of whole clips; the flow of a flipped clip gets u -> -u."""
+    rgb = batch["rgb"]
+    flip = torch.rand(rgb.shape[0], generator=generator) < 0.5
+    if not flip.any():
+        return batch
+    batch = dict(batch)
+    batch["rgb"] = torch.where(flip.view(-1, 1, 1, 1, 1), rgb.flip(-1), rgb)
+    if "flow" in batch:
+        f = batch["flow"].flip(-1)
+        f = torch.cat([-f[:, :1], f[:, 1:]], dim=1)
+        batch["flow"] = torch.where(flip.view(-1, 1, 1, 1, 1), f, batch["flow"])
+    return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def cosine_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to 0, as a LambdaLR factor."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # norms and biases
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+class _Dist:
+    """The torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK), or a single process."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        self.started = False
+        if self.world > 1:
+            if device.type == "cuda":
+                self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                self.started = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.started:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def fit(
+    task: TrainTask,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    stop_after_epochs: int | None = None,
+) -> list[dict[str, float]]:
+    """Train `task` on `dataset`; return the per-epoch history (mean of every loss term).
+
+    Args:
+        task: the training task (student, teachers, losses).
+        dataset: items as `vidistill.data.ClipDataset` returns them.
+        cfg: optimisation settings.
+        out_dir: where `checkpoints/last.pt` and `history.json` go.
+        resume: continue from `out_dir/checkpoints/last.pt` if it exists.
+        progress: show a progress bar.
+        on_epoch_end: called (rank 0 only) with the epoch number and its metrics, e.g. to log to MLflow.
+        stop_after_epochs: stop after this many epochs of this call (simulates an interruption in tests).
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    ckpt_path = out / "checkpoints" / CHECKPOINT
+    ddp = _Dist(resolve_device(cfg.device))
+    device = ddp.device
+    seed_everything(cfg.seed)
+    if len(dataset) == 0:
+        raise ValueError("the training set is empty: run `vidistill prep` first and check its summary")
+    if cfg.batch_size % ddp.world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {ddp.world}; the global batch is split across ranks")
+
+    task.to(device)
+    optimizer = build_optimizer(task.trainable_parameters(), cfg)
+    sampler = EpochPermutation(len(dataset), seed=cfg.seed, rank=ddp.rank, world=ddp.world)
+    per_rank_batch = cfg.batch_size // ddp.world
+    loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=cfg.num_workers,
+                        collate_fn=collate, drop_last=len(sampler) >= 2 * per_rank_batch,
+                        persistent_workers=cfg.num_workers > 0)
+    steps_per_epoch = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_lambda(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch))
+    flip_gen = torch.Generator()
+
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state["config"] != asdict(cfg):
+            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(cfg).get(k))
+            raise ValueError(f"cannot resume from {ckpt_path}: training parameters changed ({', '.join(changed)}); "
+                             "use the original parameters or start fresh without --resume")
+        task.load_state_dict(state["task"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        flip_gen.set_state(state["flip_rng"])
+        history = list(json.loads(state["history"]))
+        start_epoch = int(state["epoch"]) + 1
+    elif resume and ddp.main:
+        print(f"[train] --resume: no checkpoint at {ckpt_path}, starting from scratch")
+    else:
+        flip_gen.manual_seed(cfg.seed + 1)
+
+    model = task
+    if ddp.world > 1:
+        model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"), disable=not (progress and ddp.main))
+    epochs_run = 0
+    try:
+        with bar:
+            for epoch in range(start_epoch, cfg.epochs):
+                if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+                    break
+                sampler.set_epoch(epoch)
+                task.on_epoch_start(epoch)
+                model.train()
+                sums: dict[str, float] = {}
+                correct = seen = 0
+                t0 = time.perf_counter()
+                bar_task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="")
+                for batch in loader:
+                    if cfg.hflip:
+                        batch = hflip_batch(batch, flip_gen)
+                    batch = to_device(batch, device)
+                    result = model(batch)
+                    loss = result["loss"]
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the data")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(list(task.trainable_parameters()), cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    n = batch["label"].shape[0]
+                    for k, v in result.items():
+                        if k != "logits" and isinstance(v, torch.Tensor) and v.ndim == 0:
+                            sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+                    correct += int((result["logits"].argmax(1) == batch["label"]).sum())
+                    seen += n
+                    bar.update(bar_task, advance=1, info=f"loss {float(loss.detach()):.3f}")
+                metrics = {k: v / seen for k, v in sums.items()}
+                metrics["train_acc"] = correct / seen
+                metrics = ddp.mean(metrics)
+                metrics["lr"] = optimizer.param_groups[0]["lr"]
+                metrics["epoch_seconds"] = time.perf_counter() - t0
+                metrics["epoch"] = epoch + 1
+                history.append(metrics)
+                bar.update(bar_task, info=f"loss {metrics['loss']:.3f} acc {metrics['train_acc']:.3f}")
+                if ddp.main:
+                    atomic_save({
+                        "epoch": epoch,
+                        "task": {k: v for k, v in task.state_dict().items()},
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "flip_rng": flip_gen.get_state(),
+                        "config": asdict(cfg),
+                        "history": json.dumps(history),
+                    }, ckpt_path)
+                    (out / "history.json").write_text(json.dumps(history, indent=2))
+                    if on_epoch_end is not None:
+                        on_epoch_end(epoch + 1, metrics)
+                ddp.barrier()
+                epochs_run += 1
+    finally:
+        ddp.close()
+    return history

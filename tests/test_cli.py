@@ -1,0 +1,65 @@
+"""CLI and params.yaml: precedence, validation before work, clear one-line errors."""
+
+import pytest
+
+from vidistill import cli
+from vidistill.config import ConfigError, PrepConfig, TeachConfig, from_dict
+
+
+def _cfg(argv, section, cls):
+    args = cli.build_parser().parse_args(argv)
+    return cli.build_config(section, cls, args)
+
+
+def test_precedence_defaults_params_flags(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("teach:\n  model: r2plus1d_student\n  train:\n    epochs: 7\n    lr: 0.01\n")
+    cfg = _cfg(["teach", "--params", str(params), "--epochs", "3", "--set", "train.seed=5"], "teach", TeachConfig)
+    assert cfg.train.epochs == 3  # flag beats params.yaml
+    assert cfg.train.lr == 0.01  # params.yaml beats default
+    assert cfg.train.seed == 5  # --set
+    assert cfg.model == "r2plus1d_student"
+    assert cfg.out == "runs/teacher_rgb"  # derived default
+    assert cfg.train.batch_size == TeachConfig().train.batch_size
+
+
+def test_nested_flags_and_bools(tmp_path):
+    cfg = _cfg(["prep", "--params", str(tmp_path / "none.yaml"), "--synth-domain", "2", "--frames", "4"], "prep", PrepConfig)
+    assert cfg.synth.domain == 2 and cfg.frames == 4
+    cfg = _cfg(["teach", "--params", str(tmp_path / "none.yaml"), "--hflip"], "teach", TeachConfig)
+    assert cfg.train.hflip is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prep", "--dataset", "kinetics"], "prep.dataset must be one of"),
+    (["prep", "--crop", "128", "--short-side", "64"], "short_side"),
+    (["prep", "--frames", "abc"], "frames must be a int"),
+    (["teach", "--model", "resnet9000"], "not a registered model"),
+    (["teach", "--epochs", "0"], "epochs must be >= 1"),
+    (["teach", "--set", "train.nonsense=1"], "unknown key"),
+])
+def test_bad_parameters_are_refused_before_work(argv, message, tmp_path, capsys):
+    rc = cli.main(argv + ["--params", str(tmp_path / "none.yaml"), "--no-track"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()
+
+
+def test_from_dict_refuses_unknown_keys():
+    with pytest.raises(ConfigError, match="prep.bogus"):
+        from_dict(PrepConfig, {"bogus": 1}, where="prep.")
+
+
+def test_shipped_params_yaml_is_valid():
+    from pathlib import Path
+
+    from vidistill.config import load_params
+
+    params = load_params(Path(__file__).parents[1] / "params.yaml")
+    for command, (section, cls) in cli.STAGE_CONFIGS.items():
+        data = params
+        for key in section.split("."):
+            data = data[key]
+        from_dict(cls, data, where=f"{section}.").validate()
