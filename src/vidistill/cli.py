@@ -22,6 +22,7 @@ STAGE_CONFIGS: dict[str, tuple[str, type]] = {
     "prep": ("prep", C.PrepConfig),
     "flow": ("flow", C.FlowConfig),
     "teach": ("teach", C.TeachConfig),
+    "distill": ("distill", C.DistillConfig),
     "evaluate": ("evaluate", C.EvaluateConfig),
 }
 
@@ -32,7 +33,7 @@ def _leaf_fields(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[st
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
         if dataclasses.is_dataclass(default):
             out += _leaf_fields(type(default), prefix + (f.name,))
-        else:
+        elif not isinstance(default, dict):  # free-form sections (distill.methods) are reached with --set
             out.append((prefix + (f.name,), f))
     return out
 
@@ -124,6 +125,13 @@ def cmd_teach(cfg: C.TeachConfig, args: argparse.Namespace) -> None:
     print(f"teach ({cfg.modality}): top1 {s['top1']:.3f} top5 {s['top5']:.3f} mAP {s['mAP']:.3f} -> {s['model']}")
 
 
+def cmd_distill(cfg: C.DistillConfig, args: argparse.Namespace) -> None:
+    from vidistill import stages
+
+    s = stages.distill(cfg, progress=not args.quiet, track=not args.no_track)
+    print(f"distill ({cfg.method}): top1 {s['top1']:.3f} top5 {s['top5']:.3f} mAP {s['mAP']:.3f} -> {s['model']}")
+
+
 def cmd_evaluate(cfg: C.EvaluateConfig, args: argparse.Namespace) -> None:
     from vidistill import stages
 
@@ -133,13 +141,15 @@ def cmd_evaluate(cfg: C.EvaluateConfig, args: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
-    "synth": cmd_synth, "prep": cmd_prep, "flow": cmd_flow, "teach": cmd_teach, "evaluate": cmd_evaluate,
+    "synth": cmd_synth, "prep": cmd_prep, "flow": cmd_flow, "teach": cmd_teach, "distill": cmd_distill,
+    "evaluate": cmd_evaluate,
 }
 HELP = {
     "synth": "generate the synthetic motion dataset (real encoded videos, folder layout)",
     "prep": "decode videos into fixed-size uint8 clip shards + manifest",
     "flow": "TV-L1 optical flow for every clip (stored as uint8, bound 20)",
     "teach": "train a teacher (RGB or flow stream) and evaluate it",
+    "distill": "train an RGB student with a distillation method (--method; see `vidistill methods`)",
     "evaluate": "top-1/top-5/mAP/per-class/confusion of one model or an ensemble (comma-separated checkpoints)",
 }
 

@@ -170,6 +170,34 @@ class TeachConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Student distillation: `vidistill distill --method KEY`."""
+
+    clips: str = "data/clips"
+    flow: str = "data/flow"  # read when the method needs flow (d3d)
+    out: str = ""  # empty: runs/distill/<method>
+    method: str = "kd"  # a key of vidistill.distill.list_methods()
+    student: str = "r2plus1d_student"
+    teacher_rgb: str = "runs/teacher_rgb/model.pt"
+    teacher_flow: str = "runs/teacher_flow/model.pt"
+    pretrained: str = ""  # model.pt of a pre-trained encoder (sd)
+    resume: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+    methods: dict = field(default_factory=dict)  # per-method hyperparameters: methods.<key>.<name>
+
+    def validate(self) -> None:
+        from vidistill.distill import list_methods, method_params
+        from vidistill.models import list_models
+
+        method_params(self.method, self.methods.get(self.method))  # unknown key / bad value -> ConfigError
+        unknown = sorted(set(self.methods) - set(list_methods()))
+        _check(not unknown, f"distill.methods has unknown method(s) {', '.join(unknown)}")
+        _check(self.student in list_models(), f"distill.student {self.student!r} is not a registered model; choose one of: {', '.join(list_models())}")
+        self.out = self.out or f"runs/distill/{self.method}"
+        self.train.validate()
+
+
+@dataclass
 class EvaluateConfig:
     """Evaluation: `vidistill evaluate`."""
 

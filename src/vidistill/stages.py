@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from vidistill.config import EvaluateConfig, FlowConfig, PrepConfig, TeachConfig, flatten, params_hash
+from vidistill.config import DistillConfig, EvaluateConfig, FlowConfig, PrepConfig, TeachConfig, flatten, params_hash
 
 
 class _NoTracker:
@@ -81,40 +81,93 @@ def flow(cfg: FlowConfig, *, progress: bool = True, track: bool = True) -> dict[
     return summary
 
 
+def _train_and_evaluate(task: Any, model: Any, *, name: str, kwargs: dict[str, Any], train_set: Any, train_cfg: Any,
+                        out: Path, clips: str, flow_dir: str, resume: bool, progress: bool, run: Any,
+                        stop_after_epochs: int | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """Shared by teach and distill: fit, save `model.pt`, loss curves, evaluate on the test split."""
+    from vidistill.evaluate.runner import plot_curves
+    from vidistill.train import fit, save_model
+
+    t0 = time.perf_counter()
+    history = fit(task, train_set, train_cfg, out, resume=resume, progress=progress, stop_after_epochs=stop_after_epochs,
+                  on_epoch_end=lambda e, m: run.log_metrics(_numeric(m), step=e))
+    if len(history) < train_cfg.epochs:  # stopped early on purpose (tests); nothing final to write
+        return {"epochs_done": len(history), "out": str(out)}
+    seconds = time.perf_counter() - t0
+    save_model(out / "model.pt", model, name=name, kwargs=kwargs, classes=train_set.classes,
+               extra={**extra, "run_id": run.run_id})
+    plot_curves(history, out / "loss_curves.png", title=f"{name} " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+    run.log_artifact(out / "loss_curves.png")
+    result = evaluate(EvaluateConfig(clips=clips, flow=flow_dir, checkpoint=str(out / "model.pt"),
+                                     out=str(out / "eval"), device=train_cfg.device), track=False)
+    run.log_metrics(_numeric({k: result[k] for k in ("top1", "top5", "mAP", "mean_class_accuracy")}))
+    run.log_artifacts(out / "eval")
+    return {"out": str(out), "model": str(out / "model.pt"), "train_seconds": seconds, "history": history,
+            "run_id": run.run_id, **{k: result[k] for k in ("top1", "top5", "mAP")}}
+
+
+def _model_kwargs(train_set: Any, modality: str = "rgb") -> dict[str, Any]:
+    return {"num_classes": train_set.num_classes, "frames": train_set.frames, "size": train_set.size, "modality": modality}
+
+
 def teach(cfg: TeachConfig, *, progress: bool = True, track: bool = True,
           stop_after_epochs: int | None = None) -> dict[str, Any]:
     """Train a teacher (`vidistill teach`): RGB or flow stream, then evaluate it on the test split."""
     cfg.validate()
     from vidistill.data import ClipDataset
     from vidistill.models import create_model
-    from vidistill.train import Supervised, fit, save_model
+    from vidistill.train import Supervised
 
-    out = Path(cfg.out)
-    flow_root = cfg.flow if cfg.modality == "flow" else None
-    train_set = ClipDataset(cfg.clips, "train", flow_root=flow_root)
-    kwargs = {"num_classes": train_set.num_classes, "frames": train_set.frames, "size": train_set.size,
-              "modality": cfg.modality}
+    train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if cfg.modality == "flow" else None)
+    kwargs = _model_kwargs(train_set, cfg.modality)
+    torch_seed(cfg.train.seed)
     model = create_model(cfg.model, **kwargs)
     tags = {"vidistill.data_hash": _manifest_hash(cfg.clips), "vidistill.method": f"teacher_{cfg.modality}"}
     with tracked(f"teach_{cfg.modality}", cfg, tags=tags, track=track) as run:
-        t0 = time.perf_counter()
-        history = fit(Supervised(model, label_smoothing=cfg.train.label_smoothing), train_set, cfg.train, out,
-                      resume=cfg.resume, progress=progress, stop_after_epochs=stop_after_epochs,
-                      on_epoch_end=lambda e, m: run.log_metrics(_numeric(m), step=e))
-        if len(history) < cfg.train.epochs:  # interrupted on purpose (tests); nothing final to write
-            return {"epochs_done": len(history), "out": str(out)}
-        save_model(out / "model.pt", model, name=cfg.model, kwargs=kwargs, classes=train_set.classes,
-                   extra={"modality": cfg.modality, "run_id": run.run_id})
-        from vidistill.evaluate.runner import plot_curves
+        return _train_and_evaluate(Supervised(model, label_smoothing=cfg.train.label_smoothing), model, name=cfg.model,
+                                   kwargs=kwargs, train_set=train_set, train_cfg=cfg.train, out=Path(cfg.out),
+                                   clips=cfg.clips, flow_dir=cfg.flow, resume=cfg.resume, progress=progress, run=run,
+                                   stop_after_epochs=stop_after_epochs, extra={"modality": cfg.modality})
 
-        plot_curves(history, out / "loss_curves.png", title=f"{cfg.model} ({cfg.modality})")
-        run.log_artifact(out / "loss_curves.png")
-        result = evaluate(EvaluateConfig(clips=cfg.clips, flow=cfg.flow, checkpoint=str(out / "model.pt"),
-                                         out=str(out / "eval"), device=cfg.train.device), track=False)
-        run.log_metrics(_numeric({k: result[k] for k in ("top1", "top5", "mAP", "mean_class_accuracy")}))
-        run.log_artifacts(out / "eval")
-    return {"out": str(out), "model": str(out / "model.pt"), "train_seconds": time.perf_counter() - t0,
-            "history": history, "run_id": run.run_id, **{k: result[k] for k in ("top1", "top5", "mAP")}}
+
+def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
+            stop_after_epochs: int | None = None) -> dict[str, Any]:
+    """Train an RGB student with a distillation method (`vidistill distill --method KEY`)."""
+    cfg.validate()
+    from vidistill.data import ClipDataset
+    from vidistill.distill import DistillContext, create_distiller, get_method
+    from vidistill.models import create_model
+    from vidistill.train.loop import load_checkpoint
+
+    method = get_method(cfg.method)
+    train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None)
+    kwargs = _model_kwargs(train_set)
+    torch_seed(cfg.train.seed)
+    student = create_model(cfg.student, **kwargs)
+    ctx = DistillContext(num_classes=train_set.num_classes, classes=train_set.classes, frames=train_set.frames,
+                         size=train_set.size, teacher_rgb=cfg.teacher_rgb, teacher_flow=cfg.teacher_flow,
+                         pretrained=cfg.pretrained, num_samples=len(train_set))
+    task = create_distiller(cfg.method, student, ctx, cfg.methods.get(cfg.method))
+    teacher_run = ""
+    for path in (cfg.teacher_rgb, cfg.teacher_flow, cfg.pretrained):
+        if path and Path(path).exists() and any(path == getattr(ctx, n) for n in method.needs):
+            teacher_run = load_checkpoint(path)["extra"].get("run_id") or teacher_run
+    tags = {"vidistill.data_hash": _manifest_hash(cfg.clips), "vidistill.method": cfg.method,
+            "vidistill.teacher_run_id": teacher_run or "none"}
+    with tracked(f"distill_{cfg.method}", cfg, tags=tags, track=track) as run:
+        result = _train_and_evaluate(task, student, name=cfg.student, kwargs=kwargs, train_set=train_set,
+                                     train_cfg=cfg.train, out=Path(cfg.out), clips=cfg.clips, flow_dir=cfg.flow,
+                                     resume=cfg.resume, progress=progress, run=run,
+                                     stop_after_epochs=stop_after_epochs, extra={"modality": "rgb", "method": cfg.method})
+    result["method"] = cfg.method
+    return result
+
+
+def torch_seed(seed: int) -> None:
+    """Seed model initialisation (the loop seeds its own shuffling)."""
+    import torch
+
+    torch.manual_seed(seed)
 
 
 def evaluate(cfg: EvaluateConfig, *, track: bool = True) -> dict[str, Any]:

@@ -1,0 +1,64 @@
+"""D3D: Distilled 3D Networks (Stroud et al., WACV 2020; ../shared/papers/d3d_distilled_3d_networks.md).
+
+The RGB student ("spatial stream") is trained with
+
+    L(θ) = L_a(θ) + λ · L_d(θ)                                   (eq. 1)
+    L_d(θ) = 1/N Σ_i (f_s(x_i; θ) − f_t(x_i))²                    (eq. 2)
+
+where L_a is cross-entropy and f_s, f_t are the *pre-softmax* outputs of the student and of the fixed
+temporal stream (the same 3D CNN on TV-L1 flow). The squared difference is summed over classes and
+averaged over clips. λ = 1 (the paper's setting "in many cases"). The temporal stream sees the flow of
+the same sampled, cropped and flipped clip as the student (the loader flips flow with u → −u). At
+inference the temporal stream is discarded: the student needs RGB only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vidistill.config import ConfigError
+from vidistill.distill.base import Distiller, register_method, weighted_mean
+from vidistill.train.artifacts import load_model
+
+
+def d3d_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-clip squared L2 distance of pre-softmax outputs (eq. 2 before the mean), shape (B,)."""
+    return (student_logits - teacher_logits).pow(2).sum(dim=1)
+
+
+@dataclass
+class D3DParams:
+    lambda_: float = 1.0  # λ in eq. 1
+
+    def validate(self) -> None:
+        if self.lambda_ < 0:
+            raise ConfigError(f"distill.methods.d3d.lambda_ must be >= 0, got {self.lambda_}")
+
+
+@register_method("d3d")
+class D3D(Distiller):
+    """Distil the flow temporal stream into the RGB student through its logits."""
+
+    Params = D3DParams
+    needs = ("teacher_flow",)
+    needs_flow = True
+
+    def __init__(self, student, params: D3DParams, ctx) -> None:
+        super().__init__(student, params, ctx)
+        teacher, _ = load_model(ctx.teacher_flow)
+        if getattr(teacher, "modality", "rgb") != "flow":
+            raise ConfigError(f"D3D's teacher must be a flow (temporal-stream) model; {ctx.teacher_flow} takes {teacher.modality}")
+        self.add_teacher("flow", teacher)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits, _ = self.student(batch["rgb"])  # (B, K)
+        with torch.no_grad():
+            t_logits, _ = self.teachers["flow"](batch["flow"])  # (B, K) from (B, 2, T-1, H, W)
+        ce = F.cross_entropy(logits, batch["label"])
+        distill = weighted_mean(d3d_loss(logits, t_logits), batch.get("weight"))
+        loss = ce + self.params.lambda_ * distill
+        return {"loss": loss, "logits": logits, "ce": ce, "distill": distill}

@@ -1,0 +1,189 @@
+"""Distillation core: registry, losses against hand-computed values, teacher handling, SD snapshots, D3D inputs."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from vidistill.config import ConfigError, TrainConfig
+from vidistill.distill import DistillContext, create_distiller, list_methods, weighted_mean
+from vidistill.distill.d3d import d3d_loss
+from vidistill.distill.kd import kd_loss
+from vidistill.distill.sd import sd_loss
+from vidistill.models import create_model
+from vidistill.train import fit, save_model
+from vidistill.train.loop import hflip_batch
+
+K, T, S = 3, 4, 32
+
+
+class Clips(Dataset):
+    def __init__(self, n=12, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.rgb = torch.rand(n, 3, T, S, S, generator=g)
+        self.flow = torch.randn(n, 2, T - 1, S, S, generator=g) * 3
+        self.y = torch.arange(n) % K
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"rgb": self.rgb[i], "flow": self.flow[i], "label": int(self.y[i]), "index": i, "video_id": i}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teachers")
+    paths = {}
+    for modality in ("rgb", "flow"):
+        torch.manual_seed(1)
+        kw = dict(num_classes=K, frames=T, size=S, modality=modality)
+        paths[modality] = str(save_model(d / f"{modality}.pt", create_model("r2plus1d_student", **kw),
+                                         name="r2plus1d_student", kwargs=kw, classes=list("abc")))
+    return paths
+
+
+def _ctx(teachers, **kw):
+    return DistillContext(num_classes=K, classes=list("abc"), frames=T, size=S, teacher_rgb=teachers["rgb"],
+                          teacher_flow=teachers["flow"], pretrained=teachers["rgb"], num_samples=12, **kw)
+
+
+def _student():
+    return create_model("r2plus1d_student", num_classes=K, frames=T, size=S)
+
+
+def _batch(n=4):
+    ds = Clips()
+    items = [ds[i] for i in range(n)]
+    return {"rgb": torch.stack([i["rgb"] for i in items]), "flow": torch.stack([i["flow"] for i in items]),
+            "label": torch.tensor([i["label"] for i in items]), "index": torch.arange(n)}
+
+
+def test_registry_lists_methods_and_refuses_unknown(teachers):
+    assert {"kd", "d3d", "sd", "none"} <= set(list_methods())
+    with pytest.raises(ConfigError, match="valid methods: .*d3d"):
+        create_distiller("d4d", _student(), _ctx(teachers))
+
+
+def test_missing_teacher_is_named(teachers):
+    ctx = _ctx(teachers)
+    ctx.teacher_flow = ""
+    with pytest.raises(ConfigError, match="teacher_flow.*--modality flow"):
+        create_distiller("d3d", _student(), ctx)
+
+
+def test_kd_loss_by_hand():
+    s = torch.tensor([[2.0, 0.0]])
+    t = torch.tensor([[0.0, 2.0]])
+    tau = 2.0
+    ps = torch.softmax(s / tau, 1)[0]
+    pt = torch.softmax(t / tau, 1)[0]
+    expected = tau**2 * float((pt * (pt.log() - ps.log())).sum())
+    # by hand: p_s = (e, 1)/(e+1), p_t = (1, e)/(e+1); KL = -1/(e+1) + e/(e+1) = (e-1)/(e+1); times tau^2
+    assert expected == pytest.approx(4 * (math.e - 1) / (math.e + 1), rel=1e-6)
+    assert float(kd_loss(s, t, tau)[0]) == pytest.approx(expected, rel=1e-6)
+    assert float(kd_loss(t, t, tau)[0]) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_d3d_and_sd_losses_by_hand():
+    s = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    t = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert d3d_loss(s, t).tolist() == [13.0, 3.0]  # 0 + 4 + 9 ; 1 + 1 + 1
+    assert sd_loss(s, t).tolist() == [13.0, 3.0]
+    assert float(weighted_mean(torch.tensor([13.0, 3.0]))) == 8.0
+    assert float(weighted_mean(torch.tensor([13.0, 3.0]), torch.tensor([1.0, 0.0]))) == 6.5
+
+
+@pytest.mark.parametrize("method", ["kd", "d3d", "sd", "none"])
+def test_step_returns_terms_and_teachers_stay_frozen(method, teachers):
+    task = create_distiller(method, _student(), _ctx(teachers))
+    task.on_epoch_start(0)
+    task.train()
+    out = task(_batch())
+    assert {"loss", "logits"} <= set(out) and out["logits"].shape == (4, K)
+    assert len(out) >= 3 or method == "none"
+    out["loss"].backward()
+    for name, t in task.teachers.items():
+        assert not t.training, f"teacher {name} left eval mode"
+        assert all(p.grad is None and not p.requires_grad for p in t.parameters())
+    student_ids = {id(p) for p in task.student.parameters()}
+    assert {id(p) for p in task.trainable_parameters()} == student_ids
+    assert all(p.grad is not None for p in task.student.parameters())
+
+
+def test_kd_combines_terms_with_alpha(teachers):
+    task = create_distiller("kd", _student(), _ctx(teachers), {"alpha": 0.25, "tau": 4})
+    task.train()
+    out = task(_batch())
+    assert float(out["loss"]) == pytest.approx(0.75 * float(out["ce"]) + 0.25 * float(out["kd"]), rel=1e-5)
+
+
+def test_d3d_teacher_sees_the_flow_of_the_same_clip(teachers):
+    task = create_distiller("d3d", _student(), _ctx(teachers), {"lambda_": 1.0})
+    seen = {}
+    task.teachers["flow"].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].clone()))
+    batch = hflip_batch(_batch(), torch.Generator().manual_seed(0))
+    out = task(batch)
+    torch.testing.assert_close(seen["x"], batch["flow"])
+    t_logits, _ = task.teachers["flow"](batch["flow"])
+    assert float(out["distill"]) == pytest.approx(float(d3d_loss(out["logits"], t_logits).mean()), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(float(out["ce"]) + float(out["distill"]), rel=1e-5)
+
+
+def test_hflip_flips_rgb_and_flow_together_and_negates_u():
+    b = _batch(8)
+    f = hflip_batch(b, torch.Generator().manual_seed(3))
+    flipped = [i for i in range(8) if not torch.equal(f["rgb"][i], b["rgb"][i])]
+    assert 0 < len(flipped) < 8
+    for i in range(8):
+        if i in flipped:
+            torch.testing.assert_close(f["rgb"][i], b["rgb"][i].flip(-1))
+            torch.testing.assert_close(f["flow"][i, 0], -b["flow"][i, 0].flip(-1))
+            torch.testing.assert_close(f["flow"][i, 1], b["flow"][i, 1].flip(-1))
+        else:
+            assert torch.equal(f["flow"][i], b["flow"][i])
+
+
+def test_sd_snapshot_changes_exactly_at_epoch_boundaries(teachers, tmp_path):
+    task = create_distiller("sd", _student(), _ctx(teachers), {"lambda_": 1.0})
+    pretrained = {k: v.clone() for k, v in task.student.state_dict().items()}
+    log = []  # (epoch, snapshot fingerprint, student fingerprint at epoch start)
+    orig = task.on_epoch_start
+
+    def spy(epoch):
+        log.append(("start", epoch, sum(float(p.sum()) for p in task.student.parameters())))
+        orig(epoch)
+
+    task.on_epoch_start = spy
+    task.teachers["snapshot"].register_forward_pre_hook(
+        lambda m, a: log.append(("step", task.snapshot_epoch, sum(float(p.sum()) for p in m.parameters()))))
+    fit(task, Clips(), TrainConfig(epochs=3, batch_size=4, lr=0.01, warmup_epochs=0, device="cpu"), tmp_path, progress=False)
+    starts = [e for e in log if e[0] == "start"]
+    steps = [e for e in log if e[0] == "step"]
+    assert [s[1] for s in starts] == [0, 1, 2]
+    for epoch, (_, _, student_at_start) in enumerate(starts):
+        snaps = {round(s[2], 4) for s in steps if s[1] == epoch}
+        assert len(snaps) == 1, f"snapshot changed within epoch {epoch}"
+        assert snaps.pop() == pytest.approx(student_at_start, rel=1e-6)
+    assert starts[0][2] == pytest.approx(sum(float(v.sum()) for k, v in pretrained.items()
+                                             if k in dict(task.student.named_parameters())), rel=1e-6)
+    assert len({round(s[2], 4) for s in starts}) == 3  # and the student really moved between epochs
+
+
+def test_sd_loads_the_pretrained_encoder(teachers):
+    student = _student()
+    task = create_distiller("sd", student, _ctx(teachers))
+    from vidistill.train import load_model
+
+    pre, _ = load_model(teachers["rgb"])
+    for (k, a), b in zip(student.state_dict().items(), pre.state_dict().values()):
+        if k not in task.fresh:
+            torch.testing.assert_close(a, b)
+
+
+def test_sd_lambda_zero_is_plain_finetuning(teachers):
+    task = create_distiller("sd", _student(), _ctx(teachers), {"lambda_": 0.0})
+    task.on_epoch_start(0)
+    out = task(_batch())
+    assert float(out["loss"]) == pytest.approx(float(out["ce"]))
