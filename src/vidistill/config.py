@@ -301,3 +301,38 @@ def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(cur, dict):
             raise ConfigError(f"cannot set {dotted}: {k} is not a section")
     cur[keys[-1]] = value
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export with a parity gate: `vidistill export`."""
+
+    model: str = "runs/distill/kd/model.pt"
+    clips: str = "data/clips"  # parity is also checked on these evaluation clips
+    out: str = ""  # empty: <model dir>/onnx
+    opset: int = 18
+    atol: float = 1e-4
+    parity_clips: int = 32  # evaluation clips compared between PyTorch and ONNX Runtime
+
+    def validate(self) -> None:
+        _check(self.opset >= 18, f"export.opset must be >= 18, got {self.opset}")
+        _check(self.atol > 0, f"export.atol must be > 0, got {self.atol}")
+        _check(self.parity_clips >= 1, f"export.parity_clips must be >= 1, got {self.parity_clips}")
+        self.out = self.out or str(Path(self.model).parent / "onnx")
+
+
+@dataclass
+class RegisterConfig:
+    """Register an exported student in MLflow and gate its promotion: `vidistill register`."""
+
+    onnx: str = "runs/distill/kd/onnx"  # directory with model.onnx and parity.json
+    metrics: str = "runs/distill/kd/eval/metrics.json"
+    model_name: str = "vidistill-synthetic"  # one registered model per dataset
+    method: str = "kd"
+    margin: float = 0.0  # the candidate's top-1 must beat the champion's by at least this much
+    metric: str = "top1"
+    promote: bool = True
+
+    def validate(self) -> None:
+        _check(bool(self.model_name.strip()), "register.model_name must not be empty")
+        _check(self.margin >= 0, f"register.margin must be >= 0, got {self.margin}")

@@ -15,7 +15,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from vidistill.config import DistillConfig, EvaluateConfig, FlowConfig, PrepConfig, TeachConfig, flatten, params_hash
+from vidistill.config import (
+    DistillConfig,
+    EvaluateConfig,
+    ExportConfig,
+    FlowConfig,
+    PrepConfig,
+    RegisterConfig,
+    TeachConfig,
+)
 
 
 class _NoTracker:
@@ -39,9 +47,7 @@ def tracked(stage: str, cfg: Any, *, tags: dict[str, str] | None = None, track: 
         return
     from vidistill.registry.tracking import stage_run
 
-    params = flatten(asdict(cfg))
-    all_tags = {"vidistill.params_hash": params_hash(cfg), **(tags or {})}
-    with stage_run(stage, params=params, tags=all_tags) as run:
+    with stage_run(stage, params=asdict(cfg), tags=tags) as run:
         yield run
 
 
@@ -75,7 +81,7 @@ def flow(cfg: FlowConfig, *, progress: bool = True, track: bool = True) -> dict[
     cfg.validate()
     from vidistill.flow.stage import run_flow
 
-    with tracked("flow", cfg, tags={"vidistill.data_hash": _manifest_hash(cfg.clips)}, track=track) as run:
+    with tracked("flow", cfg, tags={"data_hash": _manifest_hash(cfg.clips)}, track=track) as run:
         summary = run_flow(cfg, progress=progress)
         run.log_metrics(_numeric(summary))
     return summary
@@ -122,7 +128,7 @@ def teach(cfg: TeachConfig, *, progress: bool = True, track: bool = True,
     kwargs = _model_kwargs(train_set, cfg.modality)
     torch_seed(cfg.train.seed)
     model = create_model(cfg.model, **kwargs)
-    tags = {"vidistill.data_hash": _manifest_hash(cfg.clips), "vidistill.method": f"teacher_{cfg.modality}"}
+    tags = {"data_hash": _manifest_hash(cfg.clips), "method": f"teacher_{cfg.modality}"}
     with tracked(f"teach_{cfg.modality}", cfg, tags=tags, track=track) as run:
         return _train_and_evaluate(Supervised(model, label_smoothing=cfg.train.label_smoothing), model, name=cfg.model,
                                    kwargs=kwargs, train_set=train_set, train_cfg=cfg.train, out=Path(cfg.out),
@@ -152,8 +158,8 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
     for path in (cfg.teacher_rgb, cfg.teacher_flow, cfg.pretrained):
         if path and Path(path).exists() and any(path == getattr(ctx, n) for n in method.needs):
             teacher_run = load_checkpoint(path)["extra"].get("run_id") or teacher_run
-    tags = {"vidistill.data_hash": _manifest_hash(cfg.clips), "vidistill.method": cfg.method,
-            "vidistill.teacher_run_id": teacher_run or "none"}
+    tags = {"data_hash": _manifest_hash(cfg.clips), "method": cfg.method,
+            "teacher_run_id": teacher_run or "none"}
     with tracked(f"distill_{cfg.method}", cfg, tags=tags, track=track) as run:
         result = _train_and_evaluate(task, student, name=cfg.student, kwargs=kwargs, train_set=train_set,
                                      train_cfg=cfg.train, out=Path(cfg.out), clips=cfg.clips, flow_dir=cfg.flow,
@@ -187,7 +193,7 @@ def evaluate(cfg: EvaluateConfig, *, track: bool = True) -> dict[str, Any]:
         if info["classes"] != dataset.classes:
             raise ValueError(f"{p} was trained on classes {info['classes']} but {cfg.clips} has {dataset.classes}; "
                              "evaluate on the dataset the model was trained on")
-    with tracked("evaluate", cfg, tags={"vidistill.data_hash": _manifest_hash(cfg.clips)}, track=track) as run:
+    with tracked("evaluate", cfg, tags={"data_hash": _manifest_hash(cfg.clips)}, track=track) as run:
         pred = predict(models, dataset, batch_size=cfg.batch_size, device=device)
         probs = pred["probs"].mean(axis=0)  # ensemble = average of softmax
         metrics = score(probs, pred["labels"], pred["video_ids"], dataset.classes)
@@ -196,9 +202,106 @@ def evaluate(cfg: EvaluateConfig, *, track: bool = True) -> dict[str, Any]:
                                   for p, pr in zip(paths, pred["probs"])}
         metrics["checkpoints"] = paths
         metrics["split"] = cfg.split
+        metrics["data_hash"] = _manifest_hash(cfg.clips)
         title = " + ".join(info["name"] + f" ({info['extra'].get('modality', 'rgb')})" for _, info in loaded)
         files = write_report(metrics, cfg.out, title=title)
         run.log_metrics(_numeric({k: metrics[k] for k in ("top1", "top5", "mAP", "mean_class_accuracy")}))
         run.log_artifacts(cfg.out)
     metrics["files"] = {k: str(v) for k, v in files.items()}
     return metrics
+
+
+def export(cfg: ExportConfig, *, track: bool = True) -> dict[str, Any]:
+    """Student -> `model.onnx` (dynamic batch, fixed T), parity-checked on random and evaluation clips.
+
+    Raises `ExportError` (nothing is registered) when ONNX Runtime and PyTorch disagree by more than
+    `atol` or on any top-1 prediction.
+    """
+    cfg.validate()
+    import torch
+
+    from vidistill.data import ClipDataset
+    from vidistill.export.onnx import ExportError, check_parity, export_onnx
+    from vidistill.train import load_model
+
+    model, info = load_model(cfg.model)
+    test = ClipDataset(cfg.clips, "test")
+    if test.classes != info["classes"]:
+        raise ValueError(f"{cfg.model} was trained on {info['classes']} but {cfg.clips} has {test.classes}")
+    pre = {k: test.manifest["params"][k] for k in ("frames", "stride", "short_side", "crop", "short_policy")
+           if k in test.manifest["params"]}
+    with tracked("export", cfg, tags={"data_hash": _manifest_hash(cfg.clips), "method": info["extra"].get("method", "")},
+                 track=track) as run:
+        path = export_onnx(model, cfg.out, opset=cfg.opset, classes=info["classes"], preprocess=pre, atol=cfg.atol)
+        n = min(cfg.parity_clips, len(test))
+        clips = torch.stack([test[i]["rgb"] for i in range(n)])  # (n, 3, T, H, W) real evaluation clips
+        parity = check_parity(model, path, clips, atol=cfg.atol)
+        parity["passed"] = bool(parity["passed"] and parity["top1_agreement"] == 1.0)
+        parity["opset"] = cfg.opset
+        (Path(cfg.out) / "parity.json").write_text(json.dumps(parity, indent=2))
+        run.log_metrics(_numeric({"parity_max_abs_diff": parity["max_abs_diff"],
+                                  "parity_top1_agreement": parity["top1_agreement"]}))
+        run.log_artifact(Path(cfg.out) / "parity.json")
+        if not parity["passed"]:
+            raise ExportError(f"ONNX parity failed on {n} evaluation clips: max_abs_diff={parity['max_abs_diff']:.3g} "
+                              f"(atol {cfg.atol:g}), top-1 agreement {parity['top1_agreement']:.3f}")
+    return {"onnx": str(path), "parity": parity}
+
+
+def register(cfg: RegisterConfig, *, track: bool = True) -> dict[str, Any]:
+    """Register `model.onnx` as a new version of `model_name` and (optionally) run the promotion gate."""
+    cfg.validate()
+    from vidistill.registry.models import promote, register_onnx
+
+    onnx_dir = Path(cfg.onnx)
+    for need in (onnx_dir / "model.onnx", onnx_dir / "parity.json", Path(cfg.metrics)):
+        if not need.exists():
+            raise FileNotFoundError(f"{need} does not exist; run `vidistill export` / `vidistill evaluate` first")
+    parity = json.loads((onnx_dir / "parity.json").read_text())
+    metrics = json.loads(Path(cfg.metrics).read_text())
+    with tracked("register", cfg, tags={"data_hash": metrics.get("data_hash", "unknown"), "method": cfg.method},
+                 track=track) as run:
+        version = register_onnx(onnx_dir / "model.onnx", model_name=cfg.model_name,
+                                metrics=_numeric({k: metrics[k] for k in ("top1", "top5", "mAP") if k in metrics}),
+                                parity=parity, data_hash=metrics.get("data_hash", "unknown"), method=cfg.method,
+                                run_id=run.run_id, classes=metrics.get("classes"))
+        decision = promote(cfg.model_name, version, margin=cfg.margin, metric=cfg.metric) if cfg.promote else None
+    return {"model_name": cfg.model_name, "version": version, "decision": decision}
+
+
+# stage name -> (config class, function); the CLI, DVC and Kubeflow components all go through here
+STAGES: dict[str, tuple[type, Any]] = {
+    "prep": (PrepConfig, prep),
+    "flow": (FlowConfig, flow),
+    "teach": (TeachConfig, teach),
+    "distill": (DistillConfig, distill),
+    "evaluate": (EvaluateConfig, evaluate),
+    "export": (ExportConfig, export),
+    "register": (RegisterConfig, register),
+}
+
+
+def run(stage: str, params: dict[str, Any] | None = None, *, parent_run_id: str = "", **overrides: Any) -> dict[str, Any]:
+    """Run `stage` from a params.yaml section plus dotted overrides (e.g. paths chosen by an orchestrator).
+
+    Example: `run("distill", params["distill"], method="d3d", out="/mnt/out", **{"train.epochs": 2})`.
+    `parent_run_id` nests the stage's MLflow run under a pipeline run.
+    """
+    import copy
+    import inspect
+    import os
+
+    if parent_run_id:
+        os.environ["VIDISTILL_PARENT_RUN_ID"] = parent_run_id
+
+    from vidistill.config import ConfigError, from_dict, set_dotted
+
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    cls, fn = STAGES[stage]
+    data = copy.deepcopy(params or {})
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    cfg = from_dict(cls, data, where=f"{stage}.")
+    kwargs = {"progress": False} if "progress" in inspect.signature(fn).parameters else {}
+    return fn(cfg, **kwargs)
