@@ -24,6 +24,8 @@ STAGE_CONFIGS: dict[str, tuple[str, type]] = {
     "teach": ("teach", C.TeachConfig),
     "distill": ("distill", C.DistillConfig),
     "evaluate": ("evaluate", C.EvaluateConfig),
+    "export": ("export", C.ExportConfig),
+    "register": ("register", C.RegisterConfig),
 }
 
 
@@ -140,9 +142,27 @@ def cmd_evaluate(cfg: C.EvaluateConfig, args: argparse.Namespace) -> None:
           f"mean-class {m['mean_class_accuracy']:.3f} -> {m['files']['metrics']}, {m['files']['confusion']}")
 
 
+def cmd_export(cfg: C.ExportConfig, args: argparse.Namespace) -> None:
+    from vidistill import stages
+
+    r = stages.export(cfg, track=not args.no_track)
+    p = r["parity"]
+    print(f"export: {r['onnx']} (opset {cfg.opset}); parity on {p['n']} clips: max |diff| {p['max_abs_diff']:.2e}, "
+          f"top-1 agreement {p['top1_agreement']:.3f} -> {'passed' if p['passed'] else 'FAILED'}")
+
+
+def cmd_register(cfg: C.RegisterConfig, args: argparse.Namespace) -> None:
+    from vidistill import stages
+
+    r = stages.register(cfg, track=not args.no_track)
+    print(f"register: {cfg.model_name} version {r['version']}")
+    if r["decision"]:
+        _print(r["decision"])
+
+
 COMMANDS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
     "synth": cmd_synth, "prep": cmd_prep, "flow": cmd_flow, "teach": cmd_teach, "distill": cmd_distill,
-    "evaluate": cmd_evaluate,
+    "evaluate": cmd_evaluate, "export": cmd_export, "register": cmd_register,
 }
 HELP = {
     "synth": "generate the synthetic motion dataset (real encoded videos, folder layout)",
@@ -150,6 +170,8 @@ HELP = {
     "flow": "TV-L1 optical flow for every clip (stored as uint8, bound 20)",
     "teach": "train a teacher (RGB or flow stream) and evaluate it",
     "distill": "train an RGB student with a distillation method (--method; see `vidistill methods`)",
+    "export": "export a student to ONNX (dynamic batch) and check parity with PyTorch; fails loudly on mismatch",
+    "register": "register an exported student in the MLflow registry and run the promotion gate",
     "evaluate": "top-1/top-5/mAP/per-class/confusion of one model or an ensemble (comma-separated checkpoints)",
 }
 
@@ -164,15 +186,50 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
         add_config_flags(p, cls)
-    demo = sub.add_parser("demo", help="the main job: synthetic data -> prep -> teacher -> evaluation")
+    demo = sub.add_parser("demo", help="the main job: the whole pipeline on synthetic data with kfp.local, then a summary")
     demo.add_argument("--profile", default="demo", choices=["tiny", "demo", "large"])
-    demo.add_argument("--workdir", default=".", help="where data/, runs/ and mlflow.db go")
-    demo.add_argument("--no-track", action="store_true")
+    demo.add_argument("--params", default="params.yaml")
+    demo.add_argument("--workdir", default=".", help="where data/, outputs/ and mlflow.db go")
+    pipe = sub.add_parser("pipeline", help="compile, run locally, or schedule the Kubeflow pipeline")
+    psub = pipe.add_subparsers(dest="action", required=True)
+    pc = psub.add_parser("compile", help="write the Kubeflow IR YAML (default pipelines/vidistill.yaml)")
+    pc.add_argument("--out", default=None)
+    pr = psub.add_parser("run", help="run the pipeline (--local: kfp.local.SubprocessRunner on this machine)")
+    pr.add_argument("--local", action="store_true", required=True)
+    pr.add_argument("--profile", default="demo", choices=["tiny", "demo", "large"])
+    pr.add_argument("--params", default="params.yaml")
+    pr.add_argument("--workdir", default=".")
+    ps = psub.add_parser("schedule", help="create a Kubeflow recurring run (6-field cron, one at a time, no catch-up)")
+    ps.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 2 * * *' = every day at 02:00")
+    ps.add_argument("--host", required=True, help="Kubeflow Pipelines API URL")
+    ps.add_argument("--params", default="params.yaml")
+    ps.add_argument("--job-name", default="vidistill-nightly")
+    promote = sub.add_parser("promote", help="gate a registered version: champion if parity passed and top-1 beats the champion by --margin")
+    promote.add_argument("--model-name", required=True)
+    promote.add_argument("--version", required=True)
+    promote.add_argument("--margin", type=float, default=0.0)
+    rollback = sub.add_parser("rollback", help="move the champion alias back to --version or the previous champion")
+    rollback.add_argument("--model-name", required=True)
+    rollback.add_argument("--version", default=None)
+    serve = sub.add_parser("serve", help="serve an ONNX student (KServe v2 protocol + video upload) with ONNX Runtime")
+    serve.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION or a path to model.onnx")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--max-body-mb", type=float, default=None)
+    serve.add_argument("--batching", action="store_true", help="dynamic batching of concurrent requests")
+    sub.add_parser("methods", help="list the registered distillation methods and their hyperparameters")
     bench = sub.add_parser("bench", help="benchmarks (numbers for the README)")
-    bench.add_argument("what", choices=["prep", "flow"])
+    bench.add_argument("what", choices=["prep", "flow", "serve", "methods"])
     bench.add_argument("--quick", action="store_true", help="fewer items, for a smoke run")
     bench.add_argument("--json", help="also write the results to this JSON file")
     return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (C.ConfigError, FileNotFoundError, ValueError)
+    if "vidistill.export.onnx" in sys.modules:
+        errors += (sys.modules["vidistill.export.onnx"].ExportError,)
+    return errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,17 +239,48 @@ def main(argv: list[str] | None = None) -> int:
             section, cls = STAGE_CONFIGS[args.command]
             cfg = build_config(section, cls, args)
             COMMANDS[args.command](cfg, args)
-        elif args.command == "demo":
+        elif args.command == "demo" or args.command == "pipeline" and args.action == "run":
             from vidistill.demo import run_demo
 
-            run_demo(profile=args.profile, workdir=Path(args.workdir), track=not args.no_track)
+            run_demo(profile=args.profile, params=args.params, workdir=Path(args.workdir))
+        elif args.command == "pipeline":
+            from pipelines import runner
+
+            if args.action == "compile":
+                print(f"compiled {runner.compile_pipeline(args.out or runner.COMPILED)}")
+            else:
+                r = runner.schedule(args.host, cron=args.cron, params_file=args.params, job_name=args.job_name)
+                print(f"recurring run {getattr(r, 'recurring_run_id', r)} created: {args.cron}")
+        elif args.command in ("promote", "rollback"):
+            from vidistill.registry.models import promote, rollback
+
+            if args.command == "promote":
+                _print(promote(args.model_name, args.version, margin=args.margin))
+            else:
+                _print(rollback(args.model_name, args.version))
+        elif args.command == "serve":
+            from vidistill.serve.app import serve
+
+            kw = {"max_body_mb": args.max_body_mb} if args.max_body_mb else {}
+            serve(args.model, host=args.host, port=args.port, batching=args.batching, **kw)
+        elif args.command == "methods":
+            import dataclasses as dc
+
+            from vidistill.distill import get_method, list_methods
+
+            for key in list_methods():
+                cls = get_method(key)
+                hp = {f.name: f.default for f in dc.fields(cls.Params)}
+                print(f"{key:6s} {cls.__doc__.strip().splitlines()[0] if cls.__doc__ else ''}  {hp}")
         elif args.command == "bench":
             from vidistill.bench import run_bench
 
             results = run_bench(args.what, quick=args.quick)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-    except (C.ConfigError, FileNotFoundError, ValueError) as exc:
+    except Exception as exc:  # user-caused errors get one line; anything else is a bug and keeps its traceback
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"vidistill {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

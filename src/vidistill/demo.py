@@ -1,67 +1,67 @@
-"""`make demo`: the main job on this machine, end to end on the synthetic motion dataset."""
+"""`make demo`: the whole Kubeflow pipeline on this machine (kfp.local), then a summary of what it made."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from vidistill.config import EvaluateConfig, PrepConfig, SynthConfig, TeachConfig, TrainConfig
 
-# profile -> sizes. `demo` finishes in a few minutes on 2 CPU cores; `large` is for a GPU machine.
-PROFILES: dict[str, dict[str, Any]] = {
-    "tiny": {"videos_per_class": 6, "teacher_epochs": 2},
-    "demo": {"videos_per_class": 24, "teacher_epochs": 10},
-    "large": {"videos_per_class": 80, "teacher_epochs": 30},
-}
+def find_output(run_dir: Path, task: str, name: str) -> Path:
+    """An output artifact of a task in a kfp.local run directory (`<run>/<task>/<name>`)."""
+    hits = sorted(run_dir.glob(f"**/{task}*/{name}"))
+    if not hits:
+        raise FileNotFoundError(f"no output {name!r} of task {task!r} under {run_dir}")
+    return hits[-1]
 
 
-def run_demo(*, profile: str = "demo", workdir: Path = Path("."), track: bool = True) -> dict[str, Any]:
-    """Synthetic videos -> prep -> RGB teacher -> evaluation, with a printed summary."""
-    from vidistill import stages
+def champion(model_name: str) -> dict[str, Any] | None:
+    """The registry's current champion version and its tags (None when there is none)."""
+    from mlflow.exceptions import MlflowException
 
-    p = PROFILES[profile]
-    data = workdir / "data"
-    runs = workdir / "runs"
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
+    from vidistill.registry.tracking import client
 
-    def timed(name: str, fn, *args, **kwargs):
-        t = time.perf_counter()
-        print(f"\n== {name}")
-        result = fn(*args, **kwargs)
-        timings[name] = time.perf_counter() - t
-        return result
+    try:
+        mv = client().get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None
+    return {"version": mv.version, "tags": dict(mv.tags), "source": mv.source}
 
-    synth = SynthConfig(out=str(data / "raw" / "synthetic"), videos_per_class=p["videos_per_class"])
-    prep_cfg = PrepConfig(dataset="synthetic", root=synth.out, out=str(data / "clips"), synth=synth)
-    prep = timed("prep", stages.prep, prep_cfg, track=track)
-    teach_cfg = TeachConfig(clips=prep_cfg.out, out=str(runs / "teacher_rgb"),
-                            train=TrainConfig(epochs=p["teacher_epochs"]))
-    teacher = timed("teach rgb", stages.teach, teach_cfg, track=track)
-    ev = timed("evaluate", stages.evaluate, EvaluateConfig(clips=prep_cfg.out, checkpoint=teacher["model"],
-                                                          out=str(runs / "teacher_rgb" / "eval")), track=track)
-    total = time.perf_counter() - t0
 
+def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workdir: Path = Path(".")) -> dict[str, Any]:
+    """Run the pipeline locally and print the comparison, the champion and where to look."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.markdown import Markdown
 
-    table = Table(title=f"vidistill demo ({profile} profile, {total:.0f} s)")
-    for col in ("stage", "result", "seconds"):
-        table.add_column(col)
-    splits = ", ".join(f"{k} {v['clips']} clips" for k, v in prep["splits"].items())
-    table.add_row("prep", f"{splits}; {len(prep['skipped'])} skipped", f"{timings['prep']:.1f}")
-    table.add_row("teach rgb", f"train acc {teacher['history'][-1]['train_acc']:.3f}", f"{timings['teach rgb']:.1f}")
-    table.add_row("evaluate", f"top1 {ev['top1']:.3f}  top5 {ev['top5']:.3f}  mAP {ev['mAP']:.3f}",
-                  f"{timings['evaluate']:.1f}")
+    from pipelines.runner import run_local
+
     console = Console()
-    console.print(table)
-    console.print(f"metrics: {ev['files']['metrics']}\nconfusion matrix: {ev['files']['confusion']}")
-    if track:
-        console.print("runs recorded in MLflow: `.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db` "
-                      "then open http://127.0.0.1:5000")
-    summary = {"profile": profile, "seconds": total, "timings": timings, "top1": ev["top1"], "top5": ev["top5"],
-               "mAP": ev["mAP"]}
-    (runs / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    console.rule(f"vidistill pipeline — local run, profile {profile!r}")
+    result = run_local(params, profile=profile, workdir=workdir)
+    run_dir: Path = result["run_dir"]
+    report = find_output(run_dir, "report-op", "report")
+    page = find_output(run_dir, "report-op", "page")
+    onnx = find_output(run_dir, "export-op", "onnx") / "model.onnx"
+    model_name = result["params"].get("register", {}).get("model_name", "vidistill-synthetic")
+    champ = champion(model_name)
+
+    console.rule("result")
+    console.print(Markdown(report.read_text()))
+    if champ:
+        tags = champ["tags"]
+        console.print(f"[bold]champion[/]: models:/{model_name}@champion = version {champ['version']} "
+                      f"(method {tags.get('method')}, top1 {tags.get('top1')}, parity {tags.get('parity_passed')}; "
+                      f"decision: {tags.get('promotion.reason', '')})")
+    else:
+        console.print(f"[bold red]no champion[/] in {model_name}: see the register-promote task output")
+    uri = result["tracking_uri"]
+    console.print(f"ONNX student (RGB only): {onnx}\ncomparison report: {report}  (HTML: {page})\n"
+                  f"pipeline outputs: {run_dir}\nwall time: {result['seconds']:.0f} s\n"
+                  f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+                  f"serve the champion: .venv/bin/vidistill serve --model models:/{model_name}@champion "
+                  f"(with MLFLOW_TRACKING_URI={uri})")
+    summary = {"profile": profile, "seconds": result["seconds"], "run_dir": str(run_dir), "report": str(report),
+               "onnx": str(onnx), "champion": champ, "tracking_uri": uri}
+    out = Path(workdir) / "outputs" / "demo_summary.json"
+    out.write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -21,6 +21,8 @@ class NoParams:
 
 @register_method("none")
 class NoDistillation(Distiller):
+    """Cross-entropy only: the RGB student without any teacher."""
+
     Params = NoParams
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
