@@ -63,6 +63,8 @@ def build_config(section: str, cls: type, args: argparse.Namespace) -> Any:
     """dataclass defaults < params.yaml[section] < --set < flags; validated before returning."""
     data: Any = C.load_params(args.params)
     for key in section.split("."):
+        if data and key not in data and section != STAGE_CONFIGS.get(args.command, (section,))[0]:
+            raise C.ConfigError(f"{args.params} has no section {section!r}")
         data = (data or {}).get(key) or {}
     if not isinstance(data, dict):
         raise C.ConfigError(f"section {section!r} of {args.params} must be a mapping")
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (section, cls) in STAGE_CONFIGS.items():
         p = sub.add_parser(name, help=HELP[name], description=HELP[name])
         p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml; missing = defaults)")
+        p.add_argument("--section", default=section, help=f"params.yaml section to read (default {section!r})")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"override any key of section {section!r}")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in STAGE_CONFIGS:
             section, cls = STAGE_CONFIGS[args.command]
-            cfg = build_config(section, cls, args)
+            cfg = build_config(args.section, cls, args)
             COMMANDS[args.command](cfg, args)
         elif args.command == "demo" or args.command == "pipeline" and args.action == "run":
             from vidistill.demo import run_demo
