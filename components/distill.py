@@ -4,7 +4,7 @@ from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Outpu
 from components.image import CUDA_IMAGE
 
 
-@dsl.component(base_image=CUDA_IMAGE)
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def distill_op(params: dict, parent_run_id: str, method: str, clips: Input[Dataset], flow: Input[Dataset],
                teacher_rgb: Input[Model], teacher_flow: Input[Model], pretrained: Input[Model],
                student: Output[Model], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]) -> str:

@@ -4,7 +4,7 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from components.image import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def evaluate_op(params: dict, parent_run_id: str, clips: Input[Dataset], flow: Input[Dataset], rgb: Input[Model],
                 flow_model: Input[Model], metrics: Output[Metrics]) -> str:
     """The two-stream baseline: softmax average of the RGB and flow teachers (`vidistill.stages.evaluate`)."""

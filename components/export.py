@@ -4,7 +4,7 @@ from kfp.dsl import Dataset, Input, Model, Output
 from components.image import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def export_op(params: dict, parent_run_id: str, student: Input[Model], clips: Input[Dataset], onnx: Output[Model]) -> bool:
     """Export the student to ONNX and check parity (`vidistill.stages.export`); returns whether parity passed."""
     import os

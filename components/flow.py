@@ -4,7 +4,7 @@ from kfp.dsl import Dataset, Input, Output
 from components.image import CUDA_IMAGE
 
 
-@dsl.component(base_image=CUDA_IMAGE)
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def flow_op(params: dict, parent_run_id: str, clips: Input[Dataset], flow: Output[Dataset]) -> str:
     """TV-L1 flow of every clip (`vidistill.stages.flow`), on the GPU when the pod has one."""
     import json

@@ -4,7 +4,7 @@ from kfp.dsl import Dataset, Output
 from components.image import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def prep_op(params: dict, parent_run_id: str, clips: Output[Dataset]) -> str:
     """Decode videos into uint8 clip shards (`vidistill.stages.prep`); returns the summary as JSON."""
     import json

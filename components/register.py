@@ -4,7 +4,7 @@ from kfp.dsl import Input, Model
 from components.image import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def register_op(params: dict, parent_run_id: str, onnx: Input[Model], student: Input[Model], method: str,
                 model_name: str, margin: float) -> str:
     """Register the ONNX student in MLflow and run the promotion gate (`vidistill.stages.register`)."""

@@ -6,7 +6,7 @@ from kfp.dsl import HTML, Input, Markdown, Model, Output
 from components.image import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def report_op(results: List[str], baseline: str, report: Output[Markdown], page: Output[HTML]) -> str:
     """Comparison of all methods and baselines: a Markdown table and an HTML page with the plot."""
     import json
@@ -20,7 +20,7 @@ def report_op(results: List[str], baseline: str, report: Output[Markdown], page:
     return markdown
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def select_best_op(results: List[str], students: Input[List[Model]], best: Output[Model]) -> str:
     """Copy the student with the highest top-1 to `best`; returns its method key."""
     import json

@@ -4,7 +4,7 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from components.image import CUDA_IMAGE
 
 
-@dsl.component(base_image=CUDA_IMAGE)
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def teach_op(params: dict, parent_run_id: str, modality: str, clips: Input[Dataset], model: Output[Model],
              metrics: Output[Metrics], flow: Input[Dataset] = None) -> str:
     """Train a teacher (`vidistill.stages.teach`); `model.path` is a directory holding model.pt."""

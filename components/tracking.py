@@ -3,7 +3,7 @@ from kfp import dsl
 from components.image import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def start_pipeline_run_op(name: str, params: dict, job_id: str) -> str:
     """Open the MLflow parent run of this pipeline execution; every stage nests its run under it."""
     from vidistill.registry.tracking import start_pipeline_run
@@ -11,7 +11,7 @@ def start_pipeline_run_op(name: str, params: dict, job_id: str) -> str:
     return start_pipeline_run(name, params, tags={"vidistill.pipeline_job_id": job_id})
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def end_pipeline_run_op(job_id: str, status: dsl.PipelineTaskFinalStatus):
     """Close the parent run with the pipeline's final state (runs even when a task failed).
 
