@@ -31,17 +31,25 @@ def run_bench(what: str, *, quick: bool = False) -> dict[str, Any]:
     from rich.table import Table
 
     if what == "prep":
-        from vidistill.data.bench import bench_prep
+        from vidistill.data.bench import bench_prep as fn
 
-        results = bench_prep(**({"videos": 4} if quick else {}))
-        rows = results.get("rows") or [results]
+        kwargs: dict[str, Any] = {"videos": 4} if quick else {}
     elif what == "flow":
-        from vidistill.flow.bench import bench_flow
+        from vidistill.flow.bench import bench_flow as fn
 
-        results = bench_flow(**({"pairs": 2, "sizes": ((112, 112),)} if quick else {}))
-        rows = results.get("rows") or [results]
+        kwargs = {"pairs": 2, "sizes": ((112, 112),)} if quick else {}
+    elif what == "serve":
+        from vidistill.serve.bench import bench_serve as fn
+
+        kwargs = {"requests": 80} if quick else {}
+    elif what == "methods":
+        from vidistill.evaluate.compare import bench_methods as fn
+
+        kwargs = {"seeds": 1, "videos_per_class": 6, "teacher_epochs": 1, "student_epochs": 1} if quick else {}
     else:
-        raise ValueError(f"unknown benchmark {what!r}; choose prep or flow")
+        raise ValueError(f"unknown benchmark {what!r}; choose prep, flow, serve or methods")
+    results = fn(**kwargs)
+    rows = results.get("rows") or [results]
     results["machine"] = machine()
     table = Table(title=f"vidistill bench {what} — {results['machine']['cpu']}, {results['machine']['cores']} cores")
     cols = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
@@ -49,5 +57,9 @@ def run_bench(what: str, *, quick: bool = False) -> dict[str, Any]:
         table.add_column(c)
     for r in rows:
         table.add_row(*[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for key in ("latency", "ratios"):
+        if results.get(key):
+            console.print(f"{key}: {results[key]}")
     return results
