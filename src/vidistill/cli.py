@@ -126,6 +126,8 @@ def cmd_teach(cfg: C.TeachConfig, args: argparse.Namespace) -> None:
     from vidistill import stages
 
     s = stages.teach(cfg, progress=not args.quiet, track=not args.no_track)
+    if "top1" not in s:  # a worker rank under torchrun: rank 0 reports
+        return
     print(f"teach ({cfg.modality}): top1 {s['top1']:.3f} top5 {s['top5']:.3f} mAP {s['mAP']:.3f} -> {s['model']}")
 
 
@@ -133,6 +135,8 @@ def cmd_distill(cfg: C.DistillConfig, args: argparse.Namespace) -> None:
     from vidistill import stages
 
     s = stages.distill(cfg, progress=not args.quiet, track=not args.no_track)
+    if "top1" not in s:  # a worker rank under torchrun: rank 0 reports
+        return
     print(f"distill ({cfg.method}): top1 {s['top1']:.3f} top5 {s['top5']:.3f} mAP {s['mAP']:.3f} -> {s['model']}")
 
 

@@ -42,7 +42,9 @@ class _NoTracker:
 @contextmanager
 def tracked(stage: str, cfg: Any, *, tags: dict[str, str] | None = None, track: bool = True) -> Iterator[Any]:
     """An MLflow child run for `stage` (params, lineage tags); a no-op logger when `track` is off."""
-    if not track:
+    from vidistill.train.loop import is_main_process
+
+    if not track or not is_main_process():  # under torchrun only rank 0 tracks
         yield _NoTracker()
         return
     from vidistill.registry.tracking import stage_run
@@ -93,11 +95,12 @@ def _train_and_evaluate(task: Any, model: Any, *, name: str, kwargs: dict[str, A
     """Shared by teach and distill: fit, save `model.pt`, loss curves, evaluate on the test split."""
     from vidistill.evaluate.runner import plot_curves
     from vidistill.train import fit, save_model
+    from vidistill.train.loop import is_main_process
 
     t0 = time.perf_counter()
     history = fit(task, train_set, train_cfg, out, resume=resume, progress=progress, stop_after_epochs=stop_after_epochs,
                   on_epoch_end=lambda e, m: run.log_metrics(_numeric(m), step=e))
-    if len(history) < train_cfg.epochs:  # stopped early on purpose (tests); nothing final to write
+    if len(history) < train_cfg.epochs or not is_main_process():  # interrupted (tests), or a worker rank
         return {"epochs_done": len(history), "out": str(out)}
     seconds = time.perf_counter() - t0
     save_model(out / "model.pt", model, name=name, kwargs=kwargs, classes=train_set.classes,

@@ -16,8 +16,9 @@ same seed (on CPU; CUDA kernels may be non-deterministic).
 
 Distributed data parallel: under `torchrun` (WORLD_SIZE > 1 in the environment) the task is wrapped
 in `DistributedDataParallel` (NCCL on CUDA, gloo on CPU), each rank sees its shard of every epoch's
-permutation, the per-rank batch is `batch_size // world_size` (same global batch), and only rank 0
-writes checkpoints and logs.
+permutation, the per-rank batch is `batch_size // world_size` (same global batch), buffers (BatchNorm
+running statistics) are averaged over ranks at the end of every epoch, and only rank 0 writes
+checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -189,8 +190,17 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.o
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def is_main_process() -> bool:
+    """True except on the non-zero ranks of a `torchrun` launch (only rank 0 writes and logs)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class _Dist:
-    """The torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK), or a single process."""
+    """The torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK), or a single process.
+
+    The process group is started by `start()`, after the arguments are validated, so a refused
+    `fit` call never leaves a process group behind.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -198,13 +208,15 @@ class _Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = device
         self.started = False
-        if self.world > 1:
-            if device.type == "cuda":
-                self.device = torch.device("cuda", self.local_rank)
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-                self.started = True
+        if self.world > 1 and device.type == "cuda":
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+
+    def start(self) -> None:
+        """Join the process group (NCCL on CUDA, gloo on CPU) unless the caller already did."""
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.started = True
 
     @property
     def main(self) -> bool:
@@ -217,6 +229,18 @@ class _Dist:
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Give every rank the same buffers: float ones (BatchNorm running statistics, which each rank
+        updates from its own shard) become the mean over ranks, the others rank 0's."""
+        if self.world == 1:
+            return
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf)
+                buf.div_(self.world)
+            else:
+                dist.broadcast(buf, src=0)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -297,16 +321,16 @@ def fit(
     else:
         flip_gen.manual_seed(cfg.seed + 1)
 
-    model = task
-    if ddp.world > 1:
-        model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[info]}"), disable=not (progress and ddp.main))
     epochs_run = 0
+    ddp.start()
     try:
+        model = task
+        if ddp.world > 1:
+            model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
         with bar:
             for epoch in range(start_epoch, cfg.epochs):
                 if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
@@ -342,6 +366,7 @@ def fit(
                 metrics = {k: v / seen for k, v in sums.items()}
                 metrics["train_acc"] = correct / seen
                 metrics = ddp.mean(metrics)
+                ddp.sync_buffers(task)  # the checkpoint and every rank hold the same weights and statistics
                 metrics["lr"] = optimizer.param_groups[0]["lr"]
                 metrics["epoch_seconds"] = time.perf_counter() - t0
                 metrics["epoch"] = epoch + 1
