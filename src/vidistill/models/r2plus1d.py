@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from vidistill.models.base import Normalize, ZooModel
+from vidistill.models.base import MODALITIES, Normalize, ZooModel
 from vidistill.models.registry import register_model
 
 NormLayer = Callable[[int], nn.Module]
@@ -164,6 +164,8 @@ def create_r2plus1d(
     Returns:
         The model.
     """
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; choose one of: {', '.join(MODALITIES)}")
     if not (len(widths) == len(depths) == len(strides)) or not widths:
         raise ValueError(f"widths, depths and strides need one entry per stage, got {len(widths)}, {len(depths)}, {len(strides)}")
     if min(depths) < 1 or min(widths) < 1 or stem_width < 1:
@@ -193,11 +195,11 @@ def r2plus1d_student(**kwargs) -> R2Plus1d:
 
 @register_model(modalities=("rgb", "flow"))
 def r2plus1d_teacher(**kwargs) -> R2Plus1d:
-    """Wider, deeper teacher (RGB or flow stream): stem 32, stages 32-64-128-192."""
+    """Wider, deeper teacher (RGB or flow stream): stem 24, stages 24-48-96-192 with 1-2-2-1 blocks (~2.6 M params)."""
     return create_r2plus1d(
         **{
-            "stem_width": 32,
-            "widths": (32, 64, 128, 192),
+            "stem_width": 24,
+            "widths": (24, 48, 96, 192),
             "depths": (1, 2, 2, 1),
             "strides": ((1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)),
             "dropout": 0.2,

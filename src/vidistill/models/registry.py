@@ -6,11 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
-from torch import nn
+from vidistill.models.base import MODALITIES, ZooModel
 
-from vidistill.models.base import MODALITIES
-
-Builder = Callable[..., nn.Module]
+Builder = Callable[..., ZooModel]
 B = TypeVar("B", bound=Builder)
 
 
@@ -70,7 +68,7 @@ def model_modalities(name: str) -> tuple[str, ...]:
     return _entry(name).modalities
 
 
-def create_model(name: str, *, num_classes: int, frames: int = 8, size: int = 56, modality: str = "rgb", **kwargs: Any) -> nn.Module:
+def create_model(name: str, *, num_classes: int, frames: int = 8, size: int = 56, modality: str = "rgb", **kwargs: Any) -> ZooModel:
     """Build a registered preset.
 
     Args:
@@ -97,5 +95,6 @@ def create_model(name: str, *, num_classes: int, frames: int = 8, size: int = 56
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels, got {size}")
     model = entry.builder(num_classes=num_classes, frames=frames, size=size, modality=modality, **kwargs)
+    assert isinstance(model, ZooModel), f"preset {name} built a {type(model).__name__}, not a ZooModel"
     model.create_kwargs = dict(name=name, num_classes=num_classes, frames=frames, size=size, modality=modality, **kwargs)
     return model
