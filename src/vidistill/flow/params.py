@@ -7,7 +7,6 @@ Parameter names and defaults mirror OpenCV's `cv2.optflow.DualTVL1OpticalFlow_cr
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +93,7 @@ def level_sizes(height: int, width: int, params: TVL1Params) -> list[tuple[int, 
 
 
 def min_frame_size(params: TVL1Params) -> int:
-    """Smallest frame side whose coarsest pyramid level is still `MIN_LEVEL_SIZE` pixels."""
+    """Smallest square frame side whose coarsest pyramid level is still `MIN_LEVEL_SIZE` pixels."""
     side = MIN_LEVEL_SIZE
     while min(level_sizes(side, side, params)[-1]) < MIN_LEVEL_SIZE:
         side += 1
@@ -110,15 +109,16 @@ def check_size(height: int, width: int, params: TVL1Params) -> None:
     Raises:
         ValueError: naming the frame size, the minimum, and how to proceed.
     """
-    coarsest = level_sizes(height, width, params)[-1]
-    if min(coarsest) < MIN_LEVEL_SIZE:
-        fits = max(s for s in range(1, params.nscales + 1) if min(level_sizes(height, width, dataclasses.replace(params, nscales=s))[-1]) >= MIN_LEVEL_SIZE) if min(height, width) >= MIN_LEVEL_SIZE else 0
-        hint = f"use nscales <= {fits}" if fits else f"frames must be at least {MIN_LEVEL_SIZE}x{MIN_LEVEL_SIZE}"
+    sizes = level_sizes(height, width, params)
+    usable = sum(1 for h, w in sizes if min(h, w) >= MIN_LEVEL_SIZE)  # sizes shrink monotonically
+    if usable < params.nscales:
+        side = min_frame_size(params)
+        hint = f"use nscales <= {usable} or larger frames" if usable else "use larger frames"
         raise ValueError(
             f"tvl1: frames of {height}x{width} (HxW) are too small for nscales={params.nscales}, "
-            f"scale_step={params.scale_step}: the coarsest level would be {coarsest[0]}x{coarsest[1]} "
-            f"but must be at least {MIN_LEVEL_SIZE}x{MIN_LEVEL_SIZE}; frames need at least "
-            f"{min_frame_size(params)}x{min_frame_size(params)} pixels; {hint}"
+            f"scale_step={params.scale_step}: the coarsest level would be {sizes[-1][0]}x{sizes[-1][1]}, "
+            f"under the {MIN_LEVEL_SIZE}x{MIN_LEVEL_SIZE} minimum, so frames need at least "
+            f"{side}x{side} pixels; {hint}"
         )
 
 
@@ -167,5 +167,4 @@ def prepare_pairs(frames0: Any, frames1: Any, params: TVL1Params) -> tuple[np.nd
         g0 = g0.astype(np.float32) / 255.0 if g0.dtype == np.uint8 else g0
         g1 = g1.astype(np.float32) / 255.0 if g1.dtype == np.uint8 else g1
     check_size(g0.shape[1], g0.shape[2], params)
-    assert math.prod(g0.shape) > 0
     return g0, g1
