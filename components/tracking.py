@@ -4,11 +4,12 @@ from components.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def start_pipeline_run_op(name: str, params: dict, job_id: str) -> str:
+def start_pipeline_run_op(name: str, methods: list, model_name: str, job_id: str) -> str:
     """Open the MLflow parent run of this pipeline execution; every stage nests its run under it."""
     from vidistill.registry.tracking import start_pipeline_run
 
-    return start_pipeline_run(name, params, tags={"vidistill.pipeline_job_id": job_id})
+    return start_pipeline_run(name, {"methods": ",".join(methods), "model_name": model_name},
+                              tags={"vidistill.pipeline_job_id": job_id})
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

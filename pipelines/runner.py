@@ -6,6 +6,8 @@ import copy
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +64,41 @@ def resolve_params(params_file: str | Path = "params.yaml", *, profile: str = "d
     return absolute(params)
 
 
+@contextmanager
+def local_tracking(workdir: str | Path) -> Iterator[str]:
+    """The tracking URI for a local run: `$MLFLOW_TRACKING_URI` when it names a server, else a real
+    `mlflow server` on 127.0.0.1 over `<workdir>/mlflow.db` for the duration (the single SQLite writer
+    while ParallelFor iterations run at the same time)."""
+    current = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if current.startswith(("http://", "https://")):
+        yield current
+        return
+    from vidistill.registry.server import MlflowServer
+
+    workdir = Path(workdir).resolve()
+    db = Path(current.removeprefix("sqlite:///")) if current.startswith("sqlite:///") else workdir / "mlflow.db"
+    with MlflowServer(db, workdir / "mlartifacts", serve_artifacts=False) as server:
+        os.environ["MLFLOW_TRACKING_URI"] = server.uri
+        try:
+            yield server.uri
+        finally:
+            if current:
+                os.environ["MLFLOW_TRACKING_URI"] = current
+            else:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 def run_local(params_file: str | Path = "params.yaml", *, profile: str = "demo", workdir: str | Path = ".",
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the whole pipeline on this machine with `kfp.local.SubprocessRunner` (the `make demo` job)."""
+    """Run the whole pipeline on this machine with `kfp.local.SubprocessRunner` (the `make demo` job).
+
+    Call it inside `local_tracking(workdir)` (or with MLFLOW_TRACKING_URI pointing at a server)."""
     from kfp import local
 
     from pipelines.vidistill_pipeline import pipeline_arguments, vidistill_pipeline
 
     workdir = Path(workdir).resolve()
     params = resolve_params(params_file, profile=profile, workdir=workdir, overrides=overrides)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
     pipeline_root = workdir / "outputs" / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     t0 = time.perf_counter()
@@ -79,7 +106,7 @@ def run_local(params_file: str | Path = "params.yaml", *, profile: str = "demo",
     vidistill_pipeline(**pipeline_arguments(params))
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "pipeline_root": pipeline_root, "run_dir": _latest_run(pipeline_root, started),
-            "tracking_uri": os.environ["MLFLOW_TRACKING_URI"], "params": params}
+            "params": params}
 
 
 def _latest_run(pipeline_root: Path, since: float) -> Path:

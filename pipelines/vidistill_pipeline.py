@@ -152,8 +152,7 @@ def vidistill_pipeline(
     The DAG runs inside an exit handler that closes the MLflow parent run, also when a task fails."""
     job = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     with dsl.ExitHandler(_cluster(end_pipeline_run_op(job_id=job), cache=False), name="tracked-run"):
-        start = _cluster(start_pipeline_run_op(name=run_name, params={"methods": methods, "model_name": model_name},
-                                               job_id=job), cache=False).set_display_name("start-mlflow-run")
+        start = _cluster(start_pipeline_run_op(name=run_name, methods=methods, model_name=model_name, job_id=job), cache=False).set_display_name("start-mlflow-run")
         vidistill_dag(parent_run_id=start.output, prep_params=prep_params, source_prep_params=source_prep_params,
                       flow_params=flow_params, teach_params=teach_params, pretrain_params=pretrain_params,
                       distill_params=distill_params, evaluate_params=evaluate_params, export_params=export_params,

@@ -24,6 +24,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from vidistill.registry.server import MlflowServer as _LibServer
+from vidistill.registry.server import free_port, stop, wait_http  # noqa: F401 - re-exported for the tests
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CLASSES = ["left", "right", "up", "down"]
@@ -32,63 +35,12 @@ FRAMES, SIZE = 8, 56
 _cache: dict[str, Any] = {}
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, *, timeout: float, log: Path) -> None:
-    """Poll `url` until it answers 200; fail with the process log if it dies or times out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Terminate a process we started (SIGTERM, then SIGKILL after 10 s)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class MlflowServer:
+class MlflowServer(_LibServer):
     """A real `mlflow server` on a free loopback port with its own SQLite store and artifact root."""
 
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.log = root / "mlflow-server.log"
-        cmd = [
-            str(VENV_BIN / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]
-        # no background job executor (huey consumers): not needed here, and it triples the start time
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with self.log.open("wb") as fh:
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env=env)
-
-    def wait(self) -> MlflowServer:
-        wait_http(f"{self.uri}/health", self.proc, timeout=120, log=self.log)
-        return self
+        super().__init__(root / "db.sqlite", root / "artifacts", log=root / "mlflow-server.log")
 
 
 class ServeProcess:

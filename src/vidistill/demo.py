@@ -33,18 +33,19 @@ def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workd
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from pipelines.runner import run_local
+    from pipelines.runner import local_tracking, run_local
 
     console = Console()
     console.rule(f"vidistill pipeline — local run, profile {profile!r}")
-    result = run_local(params, profile=profile, workdir=workdir)
+    workdir = Path(workdir).resolve()
+    with local_tracking(workdir):
+        result = run_local(params, profile=profile, workdir=workdir)
+        model_name = result["params"].get("register", {}).get("model_name", "vidistill-synthetic")
+        champ = champion(model_name)
     run_dir: Path = result["run_dir"]
     report = find_output(run_dir, "report-op", "report")
     page = find_output(run_dir, "report-op", "page")
     onnx = find_output(run_dir, "export-op", "onnx") / "model.onnx"
-    model_name = result["params"].get("register", {}).get("model_name", "vidistill-synthetic")
-    champ = champion(model_name)
-
     console.rule("result")
     console.print(Markdown(report.read_text()))
     if champ:
@@ -54,10 +55,11 @@ def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workd
                       f"decision: {tags.get('promotion.reason', '')})")
     else:
         console.print(f"[bold red]no champion[/] in {model_name}: see the register-promote task output")
-    uri = result["tracking_uri"]
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
     console.print(f"ONNX student (RGB only): {onnx}\ncomparison report: {report}  (HTML: {page})\n"
                   f"pipeline outputs: {run_dir}\nwall time: {result['seconds']:.0f} s\n"
-                  f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+                  f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --default-artifact-root {workdir / 'mlartifacts'} "
+                  f"--host 127.0.0.1 --port 5000\n"
                   f"serve the champion: .venv/bin/vidistill serve --model models:/{model_name}@champion "
                   f"(with MLFLOW_TRACKING_URI={uri})")
     summary = {"profile": profile, "seconds": result["seconds"], "run_dir": str(run_dir), "report": str(report),
