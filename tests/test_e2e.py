@@ -59,7 +59,8 @@ def test_local_pipeline_promotes_a_champion_that_answers(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_tiny_dvc_repro(tmp_path):
     work = tmp_path / "repo"
-    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", "data", "runs", "outputs", "mlflow.db", ".git"))
+    local_state = {".venv", "data", "runs", "outputs", "mlflow.db", "mlruns", "mlartifacts", ".git", "dvc.lock"}
+    shutil.copytree(ROOT, work, ignore=lambda d, names: [n for n in names if Path(d) == ROOT and n in local_state])
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     import yaml
@@ -69,7 +70,8 @@ def test_tiny_dvc_repro(tmp_path):
     params["prep"]["frames"] = 4
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     dvc = str(BIN / "dvc")
-    subprocess.run([dvc, "repro", "prep"], cwd=work, env=env, check=True, capture_output=True)
+    done = subprocess.run([dvc, "repro", "prep"], cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
     manifest = json.loads((work / "data" / "clips" / "manifest.json").read_text())
     assert manifest["frames"] == 4
     lock = yaml.safe_load((work / "dvc.lock").read_text())
