@@ -1,0 +1,247 @@
+"""The prep stage: videos -> fixed-size uint8 clip shards + index + manifest (the data contract).
+
+Output (`cfg.out`):
+    * `manifest.json`: format, dataset, classes, frames T, size S, per-split counts, skipped inputs
+      (layout problems and unusable files, each `{"file", "reason"}`), the parameters, a hash of
+      the sources (relpath, size, sha256 of every video) and a hash of the shards.
+    * `<split>/clips-NNNNN.npy`: uint8 `(n, T, S, S, 3)` RGB, `cfg.shard_size` clips per file.
+    * `<split>/index.json`: one entry per clip in order: video relpath, video_id, label, clip
+      number within its video, shard number, row in the shard.
+
+Videos are decoded in `cfg.workers` processes (in this process for fewer than
+`parallel.PARALLEL_MIN_JOBS` videos), one work item per video; results are written in
+layout order, so the output does not depend on the number of workers. Everything is written to
+a temporary directory beside `cfg.out` and moved into place at the end: an interrupted prep leaves
+no half output. A file that cannot be used (empty, truncated, not a video, no decodable frames)
+is recorded in `skipped` and the stage goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+
+from vidistill.config import ConfigError, PrepConfig
+from vidistill.data.layouts import SPLITS, Layout, parse_layout
+from vidistill.data.parallel import executor, ordered_map, progress_bar, use_pool
+from vidistill.data.video import VideoError, load_clips
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One video to decode (picklable: sent to a worker process)."""
+
+    video_id: int
+    path: str
+    relpath: str
+    label: int
+    split: str
+    clips: int
+    frames: int
+    stride: int
+    short_side: int
+    crop: int
+    policy: str
+    seed: int
+    threads: int
+
+
+def _file_digest(path: str) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def decode_job(job: _Job) -> dict[str, Any]:
+    """Decode the clips of one video (runs in a worker process).
+
+    Returns:
+        `{"clips": uint8 (clips, T, S, S, 3) | None, "decoded": frames decoded, "error": reason | None,
+        "size": bytes, "sha256": hex, "rss_kb": peak resident memory of the process}`.
+    """
+    result: dict[str, Any] = {"clips": None, "decoded": 0, "error": None, "size": 0, "sha256": "", "rss_kb": 0}
+    try:
+        result["size"], result["sha256"] = _file_digest(job.path)
+        clips, decoded = load_clips(job.path, relpath=job.relpath, train=job.split == "train", frames=job.frames,
+                                    stride=job.stride, clips=job.clips, short_side=job.short_side, crop=job.crop,
+                                    policy=job.policy, seed=job.seed, threads=job.threads)
+        result["clips"], result["decoded"] = clips, decoded
+    except VideoError as e:
+        result["error"] = str(e)
+    except (av.FFmpegError, cv2.error, OSError, ValueError, MemoryError) as e:  # a file the libraries choke on
+        result["error"] = f"{type(e).__name__}: {e}"
+    result["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak of this (worker) process
+    return result
+
+
+class _ShardWriter:
+    """Buffers clips of one split and writes `clips-NNNNN.npy` files of `shard_size` rows."""
+
+    def __init__(self, directory: Path, shard_size: int, frames: int, size: int) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True)
+        self.buf = np.empty((shard_size, frames, size, size, 3), dtype=np.uint8)  # (n, T, S, S, 3)
+        self.fill = 0
+        self.shard = 0
+        self.index: list[dict[str, Any]] = []
+        self.files: list[Path] = []
+
+    def add(self, clips: np.ndarray, *, relpath: str, video_id: int, label: int) -> None:
+        for k, clip in enumerate(clips):
+            self.buf[self.fill] = clip
+            self.index.append({"video": relpath, "video_id": video_id, "label": label, "clip": k,
+                               "shard": self.shard, "offset": self.fill})
+            self.fill += 1
+            if self.fill == len(self.buf):
+                self._flush()
+
+    def _flush(self) -> None:
+        path = self.dir / f"clips-{self.shard:05d}.npy"
+        np.save(path, self.buf[: self.fill])
+        self.files.append(path)
+        self.shard += 1
+        self.fill = 0
+
+    def close(self) -> None:
+        if self.fill:
+            self._flush()
+        (self.dir / "index.json").write_text(json.dumps(self.index))
+
+
+def _jobs(cfg: PrepConfig, layout: Layout, threads: int) -> list[_Job]:
+    jobs = []
+    for video_id, it in enumerate(layout.items):
+        clips = cfg.clips_per_video_train if it.split == "train" else cfg.clips_per_video_test
+        jobs.append(_Job(video_id, str(layout.root / it.relpath), it.relpath, it.label, it.split, clips, cfg.frames,
+                         cfg.stride, cfg.short_side, cfg.crop, cfg.short_policy, cfg.seed, threads))
+    return sorted(jobs, key=lambda j: SPLITS.index(j.split))  # train first, layout order within a split
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "manifest.json").is_file())):
+        raise ConfigError(f"prep.out {out} exists and is not a prep output (no manifest.json); "
+                          "choose an empty or new directory")
+
+
+def _shards_hash(writers: dict[str, _ShardWriter]) -> str:
+    h = hashlib.sha256()
+    for split, w in writers.items():
+        h.update(split.encode())
+        h.update((w.dir / "index.json").read_bytes())
+        for f in w.files:
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move `tmp` to `out`, replacing a previous output."""
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run the prep stage (see the module docstring).
+
+    Args:
+        cfg: the stage parameters.
+        progress: show a progress bar.
+
+    Returns:
+        Summary: `dataset`, `out`, `splits` (per split `clips`, `videos`, `per_class`), `skipped`
+        (`[{"file", "reason"}]`), `frames_decoded`, `seconds`, `frames_per_s`, `clips_per_s`,
+        `peak_rss_mb` (`main` process, largest `worker`).
+
+    Raises:
+        ConfigError: bad parameters, a layout that cannot be parsed, an output directory that is
+            not a prep output, or a split left without any usable video.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    _check_out(out)
+    layout = parse_layout(cfg, progress=progress)
+    workers = min(cfg.workers, len(layout.items))
+    cpus = os.cpu_count() or 1
+    threads = max(1, cpus // workers) if use_pool(workers, len(layout.items)) else cpus  # decoder threads per process
+    jobs = _jobs(cfg, layout, threads)
+    skipped: list[dict[str, str]] = list(layout.problems)
+    sources: list[tuple[str, int, str]] = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    decoded = 0
+    worker_rss_kb = 0
+    try:
+        writers = {s: _ShardWriter(tmp / s, cfg.shard_size, cfg.frames, cfg.crop) for s in SPLITS}
+        videos = {s: 0 for s in SPLITS}
+        chunk = max(1, min(8, len(jobs) // (8 * max(workers, 1))))
+        with progress_bar(progress) as bar, executor(workers, len(jobs)) as pool:
+            task = bar.add_task(f"prep {cfg.dataset}", total=len(jobs), info="")
+            for job, res in zip(jobs, ordered_map(pool, decode_job, jobs, chunksize=chunk)):
+                if res["sha256"]:
+                    sources.append((job.relpath, res["size"], res["sha256"]))
+                decoded += res["decoded"]
+                worker_rss_kb = max(worker_rss_kb, res["rss_kb"])
+                if res["error"]:
+                    skipped.append({"file": job.path, "reason": res["error"]})
+                else:
+                    writers[job.split].add(res["clips"], relpath=job.relpath, video_id=job.video_id, label=job.label)
+                    videos[job.split] += 1
+                bar.update(task, advance=1, info=f"{decoded / (time.perf_counter() - t0):.0f} frames/s")
+        for s in SPLITS:
+            if videos[s] == 0:
+                listed = sum(j.split == s for j in jobs)
+                bad = [f"{d['file']}: {d['reason']}" for d in skipped][:3]
+                raise ConfigError(f"no usable videos in split {s!r} under {layout.root}: {listed} listed, "
+                                  f"{len(skipped)} skipped (see: {'; '.join(bad) or 'no videos in this split'})")
+            writers[s].close()
+        splits = {}
+        for s, w in writers.items():
+            per_class = {c: 0 for c in layout.classes}
+            for e in w.index:
+                per_class[layout.classes[e["label"]]] += 1
+            splits[s] = {"clips": len(w.index), "videos": videos[s], "per_class": per_class}
+        src_hash = hashlib.sha256(json.dumps(sorted(sources)).encode()).hexdigest()
+        manifest = {
+            "format": FORMAT, "dataset": cfg.dataset, "root": str(layout.root), "classes": layout.classes,
+            "frames": cfg.frames, "size": cfg.crop, "splits": splits, "skipped": skipped,
+            "params": dataclasses.asdict(cfg),
+            "sources": {"count": len(sources), "bytes": sum(s[1] for s in sources), "hash": src_hash},
+            "hash": _shards_hash(writers),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+    total_clips = sum(v["clips"] for v in splits.values())
+    return {"dataset": cfg.dataset, "out": str(out), "splits": splits, "skipped": skipped, "frames_decoded": decoded,
+            "seconds": seconds, "frames_per_s": decoded / seconds if seconds > 0 else 0.0,
+            "clips_per_s": total_clips / seconds if seconds > 0 else 0.0,
+            "peak_rss_mb": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "worker": worker_rss_kb / 1024}}
