@@ -247,7 +247,10 @@ class _Dist:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave together: rank 0 hosts the rendezvous store, so a rank still tearing down after rank 0
+        exited would block on it (seen as a hang of rank 1 at the end of a resumed run)."""
         if self.started:
+            dist.barrier()
             dist.destroy_process_group()
 
 
