@@ -247,11 +247,25 @@ class _Dist:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave together: rank 0 hosts the rendezvous store, so a rank still tearing down after rank 0
-        exited would block on it (seen as a hang of rank 1 at the end of a resumed run)."""
-        if self.started:
-            dist.barrier()
-            dist.destroy_process_group()
+        """Leave the process group so that rank 0 goes last.
+
+        Under torchrun, rank 0 hosts the store the group was built on; a rank still tearing down
+        after rank 0 moved on (or exited) blocks on it until the timeout. So every rank checks out
+        through the store after destroying the group, and rank 0 waits for all of them first.
+        """
+        if not self.started:
+            return
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        dist.barrier()
+        dist.destroy_process_group()
+        left = store.add("vidistill/left", 1)
+        if self.rank == 0:
+            deadline = time.monotonic() + 120
+            while left < self.world and time.monotonic() < deadline:
+                time.sleep(0.05)
+                left = store.add("vidistill/left", 0)
 
 
 # ----------------------------------------------------------------------------------------------
