@@ -20,8 +20,8 @@ COMPILED = Path(__file__).with_name("vidistill.yaml")
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "prep.synth.videos_per_class": 4, "prep.frames": 4, "prep.synth.frames": 12, "pipeline.source_prep.synth.videos_per_class": 4,
-        "pipeline.source_prep.frames": 4, "pipeline.source_prep.synth.frames": 12,
-        "flow.nscales": 2, "flow.warps": 2, "flow.outer_iterations": 2, "flow.inner_iterations": 5,
+        "pipeline.source_prep.frames": 10, "pipeline.source_prep.synth.frames": 12, "pretrain.pretext_frames": 4,
+        "flow.tvl1.nscales": 2, "flow.tvl1.warps": 2, "flow.tvl1.outer_iterations": 2, "flow.tvl1.inner_iterations": 5,
         "teach.model": "r2plus1d_student", "teach.train.epochs": 1, "pretrain.train.epochs": 1, "distill.train.epochs": 1,
         "pipeline.methods": ["none", "d3d"],
     },

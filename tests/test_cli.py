@@ -37,6 +37,7 @@ def test_nested_flags_and_bools(tmp_path):
     (["teach", "--model", "resnet9000"], "not a registered model"),
     (["teach", "--epochs", "0"], "epochs must be >= 1"),
     (["teach", "--set", "train.nonsense=1"], "unknown key"),
+    (["prep", "--root", "data/a", "--synth-out", "data/b"], "prep.synth.out (data/b) differs from prep.root"),
 ])
 def test_bad_parameters_are_refused_before_work(argv, message, tmp_path, capsys):
     rc = cli.main(argv + ["--params", str(tmp_path / "none.yaml"), "--no-track"])
@@ -63,3 +64,17 @@ def test_shipped_params_yaml_is_valid():
         for key in section.split("."):
             data = data[key]
         from_dict(cls, data, where=f"{section}.").validate()
+
+
+def test_bench_settings_are_typed_by_the_benchmark_and_checked_before_work(capsys):
+    from vidistill.bench import bench_overrides
+    from vidistill.evaluate.compare import bench_methods
+    from vidistill.flow.bench import bench_flow
+
+    assert bench_overrides(bench_methods, ["seeds=2", "sd_lambdas=0,1.5", "methods=none,d3d"]) == {
+        "seeds": 2, "sd_lambdas": (0.0, 1.5), "methods": ("none", "d3d")}
+    assert bench_overrides(bench_flow, ["pairs=8", "backends=opencv"]) == {"pairs": 8, "backends": ("opencv",)}
+    for item, message in (("nonsense=1", "unknown benchmark setting 'nonsense'; valid: "), ("seeds=two", "seeds='two'")):
+        assert cli.main(["bench", "methods", "--set", item]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

@@ -187,3 +187,26 @@ def test_sd_lambda_zero_is_plain_finetuning(teachers):
     task.on_epoch_start(0)
     out = task(_batch())
     assert float(out["loss"]) == pytest.approx(float(out["ce"]))
+
+
+def test_sd_snapshot_norm_batch_starts_at_zero_and_keeps_its_buffers(teachers):
+    """With batch statistics the epoch-1 snapshot is the student exactly, so L_SD starts at 0; with running
+    statistics (the pre-trained model's) it does not, which is the mismatch `snapshot_norm` removes."""
+    terms = {}
+    for norm in ("batch", "running"):
+        task = create_distiller("sd", _student(), _ctx(teachers), {"lambda_": 1.0, "snapshot_norm": norm})
+        task.on_epoch_start(0)
+        task.train()
+        snap = task.teachers["snapshot"]
+        buffers = {k: v.clone() for k, v in snap.named_buffers()}
+        terms[norm] = float(task(_batch())["sd"])
+        assert not snap.training
+        for k, v in snap.named_buffers():
+            assert torch.equal(v, buffers[k]), f"snapshot buffer {k} changed in a training step ({norm})"
+    assert terms["batch"] == pytest.approx(0.0, abs=1e-8)
+    assert terms["running"] > 1e-3
+
+
+def test_sd_refuses_unknown_snapshot_norm(teachers):
+    with pytest.raises(ConfigError, match="snapshot_norm must be one of batch, running"):
+        create_distiller("sd", _student(), _ctx(teachers), {"snapshot_norm": "group"})

@@ -38,6 +38,17 @@ def test_torch_matches_opencv_accuracy(pairs, opencv_flow) -> None:
     assert epe(flow, opencv_flow) <= AGREEMENT_PX
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_opencv_accuracy(pairs, opencv_flow) -> None:
+    """The GPU path (batched, median by `median_torch`) meets the same accuracy bar as the CPU path."""
+    f0, f1, gt = pairs
+    flow = tvl1(f0, f1, backend="torch", device="cuda")
+    assert flow.shape == (3, 2, 80, 96) and flow.dtype == np.float32
+    assert epe(flow, gt) <= 1.05 * epe(opencv_flow, gt)
+    assert epe(flow, opencv_flow) <= AGREEMENT_PX
+
+
 def test_opencv_process_pool_equals_single_process(pairs, opencv_flow) -> None:
     f0, f1, _ = pairs
     np.testing.assert_array_equal(tvl1(f0, f1, backend="opencv", workers=2), opencv_flow)

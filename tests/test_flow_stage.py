@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 import vidistill.flow.stage as stage
 from vidistill.config import ConfigError, FlowConfig
-from vidistill.flow import decode_flow
+from vidistill.flow import TVL1Params, decode_flow
 
 T, S = 3, 48
 # (split, shard sizes); each clip moves by its own (dx, dy) pixels per frame
@@ -47,7 +48,8 @@ def _write_clips(root: Path) -> Path:
 @pytest.fixture()
 def cfg(tmp_path: Path) -> FlowConfig:
     clips = _write_clips(tmp_path / "clips")
-    return FlowConfig(clips=str(clips), out=str(tmp_path / "flow"), device="cpu", batch_size=4, workers=2, nscales=3, warps=3)
+    return FlowConfig(clips=str(clips), out=str(tmp_path / "flow"), device="cpu", batch_size=4, workers=2,
+                      tvl1=TVL1Params(nscales=3, warps=3))
 
 
 def test_stage_writes_aligned_flow_shards(cfg: FlowConfig) -> None:
@@ -83,7 +85,7 @@ def test_stage_resumes_and_redoes_only_missing_shards(cfg: FlowConfig) -> None:
     assert redo["pairs"] == T - 1 and redo["skipped_shards"] == 2
     assert (out / "train" / "flow-00001.npy").exists() and kept.stat().st_mtime_ns == stamp
     assert not list(out.rglob("*.tmp"))
-    cfg.warps = 2  # other parameters: every shard is stale
+    cfg.tvl1 = dataclasses.replace(cfg.tvl1, warps=2)  # other parameters: every shard is stale
     assert stage.run_flow(cfg, progress=False)["skipped_shards"] == 0
 
 
@@ -114,7 +116,7 @@ def test_failed_clip_is_zeroed_and_reported(cfg: FlowConfig, monkeypatch: pytest
 def test_missing_clips_and_bad_sizes_raise(tmp_path: Path, cfg: FlowConfig) -> None:
     with pytest.raises(ConfigError, match="manifest.json"):
         stage.run_flow(FlowConfig(clips=str(tmp_path / "nothing"), out=str(tmp_path / "o")), progress=False)
-    cfg.nscales = 8  # 48 px clips cannot hold 8 levels
+    cfg.tvl1 = dataclasses.replace(cfg.tvl1, nscales=8)  # 48 px clips cannot hold 8 levels
     with pytest.raises(ConfigError, match="too small"):
         stage.run_flow(cfg, progress=False)
 
@@ -127,3 +129,15 @@ def test_opencv_backend_stage(cfg: FlowConfig) -> None:
     dx, dy = _motion(3)
     assert np.median(flow[0][:, 8:-8, 8:-8, 0]) == pytest.approx(dx, abs=0.2)
     assert np.median(flow[0][:, 8:-8, 8:-8, 1]) == pytest.approx(dy, abs=0.2)
+
+
+def test_cli_runs_the_stage_and_summarises(cfg: FlowConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vidistill import cli
+
+    argv = ["flow", "--params", str(tmp_path / "none.yaml"), "--no-track", "--quiet", "--clips", cfg.clips, "--out", cfg.out,
+            "--device", "cpu", "--tvl1-nscales", "3", "--set", "tvl1.warps=3"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"flow: {4 * (T - 1)} pairs in" in out and "0 clip(s) failed" in out
+    assert cli.main(argv) == 0  # rerun: every shard is already done
+    assert "flow: 0 pairs in" in capsys.readouterr().out

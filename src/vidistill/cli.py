@@ -119,7 +119,10 @@ def cmd_flow(cfg: C.FlowConfig, args: argparse.Namespace) -> None:
     from vidistill import stages
 
     s = stages.flow(cfg, progress=not args.quiet, track=not args.no_track)
-    print(f"flow: {s.get('pairs', 0)} pairs in {s.get('seconds', 0):.1f} s -> {cfg.out}; failed: {len(s.get('failed', []))}")
+    print(f"flow: {s['pairs']} pairs in {s['seconds']:.1f} s ({s['pairs_per_s']:.1f} pairs/s) -> {cfg.out}; "
+          f"{s['skipped_shards']} shard(s) already done; {s['failed']} clip(s) failed")
+    if s["failed"]:
+        print(f"flow: failed clips are stored as zero flow; {cfg.out}/manifest.json lists each with its reason")
 
 
 def cmd_teach(cfg: C.TeachConfig, args: argparse.Namespace) -> None:
@@ -229,11 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["prep", "flow", "serve", "methods"])
     bench.add_argument("--quick", action="store_true", help="fewer items, for a smoke run")
     bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.add_argument("--set", action="append", metavar="NAME=VALUE",
+                       help="a setting of the benchmark, e.g. methods: seeds=3, videos_per_class=96, sd_lambdas=0,100")
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (C.ConfigError, FileNotFoundError, ValueError)
+    errors: tuple[type[BaseException], ...] = (C.ConfigError, FileNotFoundError, ValueError, ImportError)
     if "vidistill.export.onnx" in sys.modules:
         errors += (sys.modules["vidistill.export.onnx"].ExportError,)
     return errors
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from vidistill.bench import run_bench
 
-            results = run_bench(args.what, quick=args.quick)
+            results = run_bench(args.what, quick=args.quick, overrides=args.set)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     except Exception as exc:  # user-caused errors get one line; anything else is a bug and keeps its traceback

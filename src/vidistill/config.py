@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from vidistill.flow.params import TVL1Params
+
 DATASETS = ("ucf101", "hmdb51", "folder", "synthetic")
 
 
@@ -84,6 +86,10 @@ class PrepConfig:
         _check(self.workers >= 1, f"prep.workers must be >= 1, got {self.workers}")
         if self.dataset in ("ucf101", "hmdb51"):
             _check(self.split in (1, 2, 3), f"prep.split must be 1, 2 or 3 for {self.dataset}, got {self.split}")
+        # prep generates the synthetic videos into prep.root: synth.out follows it unless set to something else
+        _check(self.synth.out in (self.root, SynthConfig.out), f"prep.synth.out ({self.synth.out}) differs from prep.root "
+               f"({self.root}); prep generates the synthetic videos into prep.root, so set only prep.root")
+        self.synth.out = self.root
         self.synth.validate()
 
 
@@ -98,25 +104,13 @@ class FlowConfig:
     batch_size: int = 64  # frame pairs per TV-L1 call (bounds memory)
     bound: float = 20.0  # uint8 storage clips flow to [-bound, bound] pixels
     workers: int = 2  # opencv backend processes / torch CPU threads
-    # TV-L1 parameters, OpenCV DualTVL1 names and defaults
-    tau: float = 0.25
-    lambda_: float = 0.15
-    theta: float = 0.3
-    nscales: int = 5
-    warps: int = 5
-    epsilon: float = 0.01
-    inner_iterations: int = 30
-    outer_iterations: int = 10
-    scale_step: float = 0.8
-    median_filtering: int = 5
+    tvl1: TVL1Params = field(default_factory=TVL1Params)  # OpenCV DualTVL1 names and defaults, checked on creation
 
     def validate(self) -> None:
         _check(self.backend in ("torch", "opencv"), f"flow.backend must be 'torch' or 'opencv', got {self.backend!r}")
         _check(self.batch_size >= 1, f"flow.batch_size must be >= 1, got {self.batch_size}")
         _check(self.bound > 0, f"flow.bound must be > 0, got {self.bound}")
-        _check(self.nscales >= 1 and self.warps >= 1, "flow.nscales and flow.warps must be >= 1")
-        _check(0 < self.scale_step < 1, f"flow.scale_step must be in (0, 1), got {self.scale_step}")
-        _check(self.median_filtering in (0, 1, 3, 5), f"flow.median_filtering must be 0, 1, 3 or 5, got {self.median_filtering}")
+        _check(self.workers >= 1, f"flow.workers must be >= 1, got {self.workers}")
 
 
 @dataclass
@@ -157,11 +151,19 @@ class TeachConfig:
     out: str = ""  # empty: runs/teacher_<modality>
     modality: str = "rgb"  # rgb | flow
     model: str = "r2plus1d_teacher"
+    pretext: str = "none"  # none: the clips' labels | pace: predict the playback speed (self-supervised, labels unread)
+    paces: int = 3  # pace: speeds 1x .. paces x
+    pretext_frames: int = 8  # pace: frames per clip, sampled from longer prep clips
     resume: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
         _check(self.modality in ("rgb", "flow"), f"teach.modality must be 'rgb' or 'flow', got {self.modality!r}")
+        _check(self.pretext in ("none", "pace"), f"teach.pretext must be 'none' or 'pace', got {self.pretext!r}")
+        if self.pretext == "pace":
+            _check(self.modality == "rgb", "teach.pretext 'pace' trains an RGB encoder; use --modality rgb")
+            _check(self.paces >= 2, f"teach.paces must be >= 2, got {self.paces}")
+            _check(self.pretext_frames >= 2, f"teach.pretext_frames must be >= 2, got {self.pretext_frames}")
         self.out = self.out or f"runs/teacher_{self.modality}"
         from vidistill.models import list_models
 

@@ -91,8 +91,9 @@ def flow(cfg: FlowConfig, *, progress: bool = True, track: bool = True) -> dict[
 
 def _train_and_evaluate(task: Any, model: Any, *, name: str, kwargs: dict[str, Any], train_set: Any, train_cfg: Any,
                         out: Path, clips: str, flow_dir: str, resume: bool, progress: bool, run: Any,
-                        stop_after_epochs: int | None, extra: dict[str, Any]) -> dict[str, Any]:
-    """Shared by teach and distill: fit, save `model.pt`, loss curves, evaluate on the test split."""
+                        stop_after_epochs: int | None, extra: dict[str, Any], eval_set: Any = None) -> dict[str, Any]:
+    """Shared by teach and distill: fit, save `model.pt`, loss curves, evaluate on the test split
+    (`clips`, or `eval_set` when the task is not the clips' labels)."""
     from vidistill.evaluate.runner import plot_curves
     from vidistill.train import fit, save_model
     from vidistill.train.loop import is_main_process
@@ -107,8 +108,16 @@ def _train_and_evaluate(task: Any, model: Any, *, name: str, kwargs: dict[str, A
                extra={**extra, "run_id": run.run_id})
     plot_curves(history, out / "loss_curves.png", title=f"{name} " + ", ".join(f"{k}={v}" for k, v in extra.items()))
     run.log_artifact(out / "loss_curves.png")
-    result = evaluate(EvaluateConfig(clips=clips, flow=flow_dir, checkpoint=str(out / "model.pt"),
-                                     out=str(out / "eval"), device=train_cfg.device), track=False)
+    if eval_set is None:
+        result = evaluate(EvaluateConfig(clips=clips, flow=flow_dir, checkpoint=str(out / "model.pt"),
+                                         out=str(out / "eval"), device=train_cfg.device), track=False)
+    else:
+        from vidistill.evaluate.runner import predict, score, write_report
+        from vidistill.train import resolve_device
+
+        pred = predict([model], eval_set, device=resolve_device(train_cfg.device))
+        result = score(pred["probs"][0], pred["labels"], pred["video_ids"], eval_set.classes)
+        write_report(result, out / "eval", title=f"{name} ({extra.get('pretext', '')})")
     run.log_metrics(_numeric({k: result[k] for k in ("top1", "top5", "mAP", "mean_class_accuracy")}))
     run.log_artifacts(out / "eval")
     return {"out": str(out), "model": str(out / "model.pt"), "train_seconds": seconds, "history": history,
@@ -128,15 +137,22 @@ def teach(cfg: TeachConfig, *, progress: bool = True, track: bool = True,
     from vidistill.train import Supervised
 
     train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if cfg.modality == "flow" else None)
+    eval_set, extra = None, {"modality": cfg.modality}
+    if cfg.pretext == "pace":  # self-supervised: the clips' labels are never read
+        from vidistill.data.pace import PaceClips
+
+        pace = {"frames": cfg.pretext_frames, "paces": cfg.paces}
+        train_set, eval_set = PaceClips(train_set, **pace), PaceClips(ClipDataset(cfg.clips, "test"), **pace, random_start=False)
+        extra["pretext"] = "pace"
     kwargs = _model_kwargs(train_set, cfg.modality)
     torch_seed(cfg.train.seed)
     model = create_model(cfg.model, **kwargs)
-    tags = {"data_hash": _manifest_hash(cfg.clips), "method": f"teacher_{cfg.modality}"}
+    tags = {"data_hash": _manifest_hash(cfg.clips), "method": "pretext_pace" if cfg.pretext == "pace" else f"teacher_{cfg.modality}"}
     with tracked(f"teach_{cfg.modality}", cfg, tags=tags, track=track) as run:
         return _train_and_evaluate(Supervised(model, label_smoothing=cfg.train.label_smoothing), model, name=cfg.model,
                                    kwargs=kwargs, train_set=train_set, train_cfg=cfg.train, out=Path(cfg.out),
                                    clips=cfg.clips, flow_dir=cfg.flow, resume=cfg.resume, progress=progress, run=run,
-                                   stop_after_epochs=stop_after_epochs, extra={"modality": cfg.modality})
+                                   stop_after_epochs=stop_after_epochs, extra=extra, eval_set=eval_set)
 
 
 def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,

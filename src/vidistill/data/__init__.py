@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vidistill.data.dataset import ClipDataset
+    from vidistill.data.pace import PaceClips
     from vidistill.data.prep import run_prep
     from vidistill.data.synthetic import generate
 
-__all__ = ["ClipDataset", "generate", "run_prep"]
+__all__ = ["ClipDataset", "PaceClips", "generate", "run_prep"]
 
-_EXPORTS = {"ClipDataset": "vidistill.data.dataset", "run_prep": "vidistill.data.prep",
+_EXPORTS = {"ClipDataset": "vidistill.data.dataset", "PaceClips": "vidistill.data.pace", "run_prep": "vidistill.data.prep",
             "generate": "vidistill.data.synthetic"}
 
 

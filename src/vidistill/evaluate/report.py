@@ -18,12 +18,14 @@ def _cell(row: dict[str, Any], key: str) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """`| method | top1 | top5 | mAP |` with `mean ± std` where rows carry `<metric>_std` and `seeds`."""
+    """`| method | top1 | top5 | mAP |` with `mean ± std` where rows carry `<metric>_std` and `seeds`, and a
+    `train_acc` column (accuracy on the training clips in the last epoch) where rows carry it."""
+    metrics = [*COLUMNS, *(["train_acc"] if any("train_acc" in r for r in rows) else [])]
     extra = [k for k in ("seeds", "latency_ms") if any(k in r for r in rows)]
-    head = ["method", *COLUMNS, *extra]
+    head = ["method", *metrics, *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["method"]), *(_cell(r, k) for k in COLUMNS)]
+        cells = [str(r["method"]), *(_cell(r, k) for k in metrics)]
         cells += [f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "–")) for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -26,8 +26,12 @@ _PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick")
 
 
 def _photos() -> list[np.ndarray]:
-    """scikit-image's bundled photos as uint8 gray (a dev dependency, imported on use)."""
-    import skimage.data
+    """scikit-image's bundled photos as uint8 gray (the `bench` extra, imported on use)."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise ImportError("the flow benchmark warps scikit-image's bundled photos: pip install 'vidistill[bench]' "
+                          "(or scikit-image)") from None
 
     out = []
     for name in _PHOTOS:
@@ -137,7 +141,7 @@ def _measure(fn: Callable[[], np.ndarray], memory: str) -> tuple[np.ndarray, flo
 
 def bench_flow(
     sizes: Sequence[tuple[int, int]] = ((112, 112), (320, 240)),
-    pairs: int = 4,
+    pairs: int = 16,
     backends: Sequence[str] = BACKENDS,
     *,
     workers: int | None = None,
@@ -149,7 +153,7 @@ def bench_flow(
 
     Args:
         sizes: frame sizes as (width, height).
-        pairs: pairs per size (OpenCV takes ~0.3 s per 112x112 pair and ~1.3 s per 320x240 on 2 cores).
+        pairs: pairs per size; 16 fill two threads of cache-sized batches (OpenCV takes ~0.3 s per 112x112 pair and ~1.3 s per 320x240 on 2 cores).
         backends: any of "torch-cpu", "torch-cuda" (skipped without CUDA), "opencv" (one process,
             OpenCV's default threading) and "opencv-mp" (one single-threaded process per worker).
         workers: CPU threads for torch-cpu and processes for opencv-mp; default all cores.

@@ -10,7 +10,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 # OpenCV's DualTVL1 stops building its pyramid once a level is narrower or shorter than this.
@@ -139,6 +138,8 @@ def _as_gray(frames: Any, name: str) -> np.ndarray:
         n, h, w, _ = arr.shape
         if n == 0 or h == 0 or w == 0:
             raise ValueError(f"tvl1: {name} is empty (shape {arr.shape})")
+        import cv2  # imported on use: the stage configs import this module
+
         # one tall image through cvtColor: OpenCV's exact RGB->gray weights and rounding
         arr = cv2.cvtColor(np.ascontiguousarray(arr).reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(n, h, w)
     elif arr.ndim != 3:

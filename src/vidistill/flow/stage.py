@@ -12,7 +12,6 @@ alignment, and listed in the manifest's "failed" with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -29,7 +28,6 @@ from vidistill.flow.codec import encode_flow
 from vidistill.flow.params import TVL1Params, check_size
 
 FORMAT = 1
-_TVL1_FIELDS = tuple(f.name for f in dataclasses.fields(TVL1Params))
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -147,7 +145,7 @@ def run_flow(cfg: FlowConfig, *, progress: bool = True) -> dict[str, Any]:
     frames, size = int(clips_manifest.get("frames", 0)), int(clips_manifest.get("size", 0))
     if frames < 2:
         raise ConfigError(f"flow.clips: clips in {clips_root} have {frames} frames; flow needs at least 2")
-    params = TVL1Params(**{name: getattr(cfg, name) for name in _TVL1_FIELDS})
+    params = cfg.tvl1
     try:
         check_size(size, size, params)
     except ValueError as e:
