@@ -38,7 +38,7 @@ def bench_overrides(fn: Any, items: list[str]) -> dict[str, Any]:
         return isinstance(v, (int, float, str)) or isinstance(v, tuple) and all(isinstance(x, (int, float, str)) for x in v)
 
     defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items()
-                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and simple(p.default) and n != "work"}
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and simple(p.default)}
     out: dict[str, Any] = {}
     for item in items:
         name, sep, text = item.partition("=")

@@ -48,6 +48,10 @@ def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workd
     onnx = find_output(run_dir, "export-op", "onnx") / "model.onnx"
     console.rule("result")
     console.print(Markdown(report.read_text()))
+    if profile in ("demo", "tiny"):
+        console.print(f"(profile {profile!r} trains on few videos for few epochs, so these models stay near chance: the "
+                      "run shows the pipeline. For the method comparison run `vidistill bench methods`; README, "
+                      "\"Method comparison\".)")
     if champ:
         tags = champ["tags"]
         console.print(f"[bold]champion[/]: models:/{model_name}@champion = version {champ['version']} "

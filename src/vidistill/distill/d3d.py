@@ -6,8 +6,10 @@ The RGB student ("spatial stream") is trained with
     L_d(θ) = 1/N Σ_i (f_s(x_i; θ) − f_t(x_i))²                    (eq. 2)
 
 where L_a is cross-entropy and f_s, f_t are the *pre-softmax* outputs of the student and of the fixed
-temporal stream (the same 3D CNN on TV-L1 flow). The squared difference is summed over classes and
-averaged over clips. λ = 1 (the paper's setting "in many cases"). The temporal stream sees the flow of
+temporal stream (the same 3D CNN on TV-L1 flow). The squared difference of the two K-vectors is summed
+over classes and averaged over clips, as eq. 2 writes it. The text calls it a "mean squared error"; read
+as a mean over the K classes too, it is this loss at λ/K (`vidistill bench methods` sweeps λ, so both
+readings are measured). λ = 1 (the paper's setting "in many cases"). The temporal stream sees the flow of
 the same sampled, cropped and flipped clip as the student (the loader flips flow with u → −u). At
 inference the temporal stream is discarded: the student needs RGB only.
 """
