@@ -40,4 +40,4 @@ bench: setup
 	$(VENV)/bin/vidistill bench prep
 
 clean:
-	rm -rf $(VENV) data runs outputs mlflow.db mlartifacts
+	rm -rf $(VENV) data runs outputs mlflow.db mlflow-server.log mlartifacts
