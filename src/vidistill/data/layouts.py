@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from vidistill.config import ConfigError, PrepConfig
+from vidistill.config import PrepConfig
 from vidistill.data.video import video_rng
+from vidistill.errors import ConfigError
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm")
 SPLITS = ("train", "test")

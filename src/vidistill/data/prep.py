@@ -34,10 +34,11 @@ import av
 import cv2
 import numpy as np
 
-from vidistill.config import ConfigError, PrepConfig
+from vidistill.config import PrepConfig
 from vidistill.data.layouts import SPLITS, Layout, parse_layout
 from vidistill.data.parallel import executor, ordered_map, progress_bar, use_pool
 from vidistill.data.video import VideoError, load_clips
+from vidistill.errors import ConfigError
 
 FORMAT = 1
 
