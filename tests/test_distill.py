@@ -169,7 +169,7 @@ def test_supervised_loss_by_hand():
 
 def test_kd_checkpoint_holds_no_teacher_and_resume_reloads_it_from_its_file(teachers, tmp_path):
     """The teacher (2.65 M parameters for `r2plus1d_teacher`) is loaded from its file, never checkpointed."""
-    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.01, warmup_epochs=0, device="cpu")
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.01, warmup_epochs=0, device="cpu")
 
     def run(out, **kw):
         task = _task("kd", teachers)
