@@ -30,6 +30,7 @@ CONTAINERS = [
     (".ts", "mpeg2video", None, (64, 48)),
     (".flv", "flv", None, (64, 48)),
     (".wmv", "msmpeg4v2", "asf", (64, 48)),
+    (".h264", "libx264", "h264", (64, 48)),  # a raw H.264 stream (dashcams): no container, no timestamps
     ("", "libx264", "mp4", (64, 48)),  # no extension at all: found by its content
 ]
 

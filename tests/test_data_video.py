@@ -29,7 +29,7 @@ def counter20(tmp_path_factory):
 
 @pytest.mark.parametrize("suffix, codec, fmt, size", CONTAINERS, ids=[c[0] or "no-extension" for c in CONTAINERS])
 def test_every_container_decodes_the_right_frames(tmp_path, suffix, codec, fmt, size):
-    """.mp4 .MOV .m4v .mpg .3gp .avi .mkv .webm .ts .flv .wmv and no extension: frame counts (declared
+    """.mp4 .MOV .m4v .mpg .3gp .avi .mkv .webm .ts .flv .wmv, raw .h264 and no extension: frame counts (declared
     or not), the frames sampled, the stored size."""
     w, h = size
     path = write_video(tmp_path / f"v{suffix}", barcode_frames(20, height=h, width=w), fps=25, codec=codec, fmt=fmt)

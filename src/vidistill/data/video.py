@@ -61,6 +61,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+from av.sidedata.sidedata import SideDataContainer
 from av.sidedata.sidedata import Type as SideDataType
 
 #: A file is truncated when its content ends before its declared duration by more than this
@@ -92,7 +93,7 @@ class VideoInfo:
     content: float | None  # duration the presentable packets cover, s (None: no timestamps)
     others_end: float | None  # end of the other streams' packets, s, when the declared duration covers them
     format: str  # container format, as FFmpeg names it
-    #: presentation timestamps of the presentable packets, sorted (stream time base; -1 where unknown)
+    #: presentation timestamps of the presentable packets, sorted (stream time base; empty when some are unknown)
     pts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False, compare=False)
 
     @property
@@ -178,7 +179,13 @@ def video_problem(path: str | Path) -> str | None:
 
 
 def _declared(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> tuple[float, float] | None:
-    """`(start, end)` of the declared duration, s: the stream's, else the container's; None if none."""
+    """`(start, end)` of the declared duration, s: the stream's, else the container's; None if none.
+
+    Elementary streams without timestamps (`.m4v`/`.h264`/`.m1v` raw video) declare nothing: FFmpeg's
+    duration for them is a guess from the bit rate, so it is not used.
+    """
+    if container.format.flags & av.format.Flags.no_timestamps.value:
+        return None
     if stream.duration:
         tb = stream.time_base
         start = stream.start_time or 0
@@ -217,7 +224,7 @@ def probe(path: str | Path) -> VideoInfo:
             for packet in container.demux(*(() if every else (stream,))):
                 if not packet.size:
                     continue
-                if packet.stream is not stream:
+                if every and packet.stream is not stream:
                     ts = packet.pts if packet.pts is not None else packet.dts
                     if ts is not None and packet.time_base:
                         e = float((ts + (packet.duration or 0)) * packet.time_base)
@@ -227,12 +234,15 @@ def probe(path: str | Path) -> VideoInfo:
                     hidden += 1
                     continue
                 n += 1
-                stamps.append(-1 if packet.pts is None else packet.pts)
-                ts = packet.pts if packet.pts is not None else packet.dts
+                pts = packet.pts
+                stamps.append(-1 if pts is None else pts)
+                ts = pts if pts is not None else packet.dts
                 if ts is not None:
-                    first = ts if first is None else min(first, ts)
+                    if first is None or ts < first:
+                        first = ts
                     e = ts + (packet.duration or step)
-                    end = e if end is None else max(end, e)
+                    if end is None or e > end:
+                        end = e
         except av.FFmpegError as e:
             raise VideoError(f"demuxing failed after {n} packets: {_msg(e)}") from None
         sar = stream.sample_aspect_ratio
@@ -242,7 +252,8 @@ def probe(path: str | Path) -> VideoInfo:
             sar=float(sar) if sar and sar > 0 else 1.0, fps=fps, start=declared[0] if declared else 0.0,
             duration=declared[1] - declared[0] if declared else None,
             content=float((end - first) * tb) if end is not None else None, others_end=other_end,
-            format=container.format.name, pts=np.sort(np.array(stamps, dtype=np.int64)))
+            format=container.format.name,
+            pts=np.sort(np.array(stamps, dtype=np.int64)) if -1 not in stamps else np.zeros(0, np.int64))
     if n == 0:
         raise VideoError("zero video frames in the file" + (f" (an edit list hides all {hidden})" if hidden else ""))
     if declared and end is not None:
@@ -310,9 +321,14 @@ def eval_indices(n: int, *, frames: int, stride: int, clips: int, policy: str = 
 
 
 def display_matrix(frame: av.VideoFrame) -> np.ndarray | None:
-    """The frame's display matrix (FFmpeg `AV_FRAME_DATA_DISPLAYMATRIX`, 9 int32), or None when it has none."""
+    """The frame's display matrix (FFmpeg `AV_FRAME_DATA_DISPLAYMATRIX`, 9 int32), or None when it has none.
+
+    Reads the side data through a container of its own: `frame.side_data` caches one on the frame,
+    a reference cycle that keeps every such frame's buffers until the garbage collector runs
+    (measured on 20 videos of 320x240, 8 frames each: +66 MiB peak RSS, about +10 % CPU).
+    """
     try:
-        data = bytes(frame.side_data[SideDataType.DISPLAYMATRIX])
+        data = bytes(SideDataContainer(frame)[SideDataType.DISPLAYMATRIX])
     except KeyError:
         return None
     return np.frombuffer(data, dtype=np.int32) if len(data) == 36 else None
