@@ -28,8 +28,8 @@ Supported layouts:
 from __future__ import annotations
 
 import dataclasses
-import re
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
