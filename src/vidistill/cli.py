@@ -113,6 +113,10 @@ def _summarise_prep(s: dict[str, Any]) -> None:
         print(f"prep: {len(s['skipped'])} input(s) skipped:")
         for item in s["skipped"]:
             print(f"  - {item['file']}: {item['reason']}")
+    if s.get("notes"):
+        print(f"prep: {len(s['notes'])} file(s) used with fewer frames than declared or stored:")
+        for item in s["notes"]:
+            print(f"  - {item['file']}: {item['note']}")
 
 
 def cmd_flow(cfg: C.FlowConfig, args: argparse.Namespace) -> None:
