@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "method registry")
     pc.add_argument("--params", default="params.yaml")
     pc.add_argument("--out", default="pipeline.yaml", help="Kubeflow IR YAML (default: pipeline.yaml)")
-    pc.add_argument("--dvc", default="dvc.yaml", help="DVC stage file (default: dvc.yaml; '' = do not write it)")
+    pc.add_argument("--dvc", default=None, help="DVC stage file (default: dvc.yaml where the working directory is a "
+                                                "checkout holding src/vidistill; '' = do not write it)")
     pc.add_argument("--check", action="store_true",
                     help="write nothing; exit 1 naming each file that differs from what compile would write")
     pc.set_defaults(handler=_compile)
@@ -59,6 +60,10 @@ def _compile(args: argparse.Namespace) -> int:
     from vidistill_pipeline import dvc, runner
 
     outputs = {Path(args.out): lambda p: runner.compile_pipeline(p, params_file=args.params)}
+    if args.dvc is None:
+        args.dvc = "dvc.yaml" if dvc.library_inside(Path(args.params).resolve().parent) else ""
+        if not args.dvc:
+            print("dvc.yaml not written: the vidistill library is not inside this project (DVC stages list its code)")
     if args.dvc:
         outputs[Path(args.dvc)] = lambda p: dvc.write_dvc_yaml(p, params_file=args.params)
     if not args.check:

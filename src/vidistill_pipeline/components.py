@@ -136,8 +136,8 @@ def evaluate_op(params: dict, code_version: str, clips: Input[Dataset], flow: In
                 flow_model: Input[Model], report: Output[Artifact], metrics: Output[Metrics]):
     """The two-stream baseline: softmax average of the RGB and flow teachers (`vidistill.stages.evaluate`).
 
-    `report` is the evaluation folder (metrics.json, confusion.png); `metrics.metadata`: top1, top5,
-    mAP, mlflow_run_id.
+    `metrics`: top1, top5, mAP. `report` is the evaluation folder (metrics.json, confusion.png); its
+    metadata holds the scores and the MLflow run id (Metrics metadata stays numeric for the UI).
     """
     import json
     from pathlib import Path
@@ -151,7 +151,7 @@ def evaluate_op(params: dict, code_version: str, clips: Input[Dataset], flow: In
     scores = {k: float(result[k]) for k in ("top1", "top5", "mAP")}
     for key, value in scores.items():
         metrics.log_metric(key, value)
-    metrics.metadata["mlflow_run_id"] = mlflow.last_active_run().info.run_id
+    report.metadata.update({**scores, "mlflow_run_id": mlflow.last_active_run().info.run_id})
     Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics.path).write_text(json.dumps(scores))
 
@@ -240,7 +240,7 @@ def register_op(params: dict, parent_run_id: str, onnx: Input[Model], model_name
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def track_stages_op(parent_run_id: str, clips: Input[Dataset], source_clips: Input[Dataset], flow: Input[Dataset],
                     teacher_rgb: Input[Model], teacher_flow: Input[Model], encoder: Input[Model],
-                    two_stream: Input[Metrics], students: Input[List[Model]], onnx: Input[Model],
+                    two_stream: Input[Artifact], students: Input[List[Model]], onnx: Input[Model],
                     report: Input[Markdown], page: Input[HTML], index: Output[Artifact]):
     """Nest the stages' MLflow runs under the pipeline's parent run, attach the comparison report to it,
     and write `index` (JSON: every stage's artifact URI, metadata and MLflow run id), so a local run

@@ -146,7 +146,7 @@ def vidistill_dag(
     side_effect(track_stages_op(parent_run_id=parent_run_id, clips=prep.outputs["clips"], source_clips=src.outputs["clips"],
                                 flow=flow.outputs["flow"], teacher_rgb=rgb.outputs["model"],
                                 teacher_flow=temporal.outputs["model"], encoder=encoder.outputs["model"],
-                                two_stream=two_stream.outputs["metrics"],
+                                two_stream=two_stream.outputs["report"],
                                 students=dsl.Collected(student.outputs["student"]), onnx=exported.outputs["onnx"],
                                 report=report.outputs["report"], page=report.outputs["page"])).set_display_name("track-stages")
     with dsl.If(exported.outputs["Output"] == True, name="parity-passed"):  # noqa: E712 - kfp condition syntax
@@ -170,7 +170,7 @@ def pipeline_arguments(params: dict[str, Any], **overrides: Any) -> dict[str, An
 
 def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
     """The pipeline, with its defaults (`methods`, `model_name`, `promotion_margin`, `run_name`) taken from
-    params.yaml's `pipeline` section.
+    params.yaml's `pipeline` section; without a `pipeline.methods` the fan-out is every registered method.
 
     Args:
         params: params.yaml as a dict.
@@ -181,14 +181,14 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         The `@dsl.pipeline` graph component (call it under `kfp.local`, or compile it).
 
     Raises:
-        vidistill.config.ConfigError: `pipeline.methods` is missing, empty, or names a method the
+        vidistill.config.ConfigError: `pipeline.methods` is empty, not a list, or names a method the
             registry does not know.
     """
     from vidistill.config import ConfigError
     from vidistill.distill import list_methods
 
     defaults = pipeline_arguments(params)
-    methods = defaults.get("methods")
+    methods = defaults.get("methods", list_methods())  # no params.yaml (another directory): every method
     if not methods or not isinstance(methods, list):
         raise ConfigError(f"params.yaml pipeline.methods must be a non-empty list of methods, got {methods!r}; "
                           f"registered: {', '.join(list_methods())}")

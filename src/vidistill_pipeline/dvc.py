@@ -106,6 +106,11 @@ def _function_imports(module: str, function: str, pkg_root: Path) -> set[str]:
     return found
 
 
+def library_inside(root: Path) -> bool:
+    """Whether the vidistill library's source lies inside `root` (a checkout of the repository)."""
+    return _package_root().is_relative_to(root.resolve())
+
+
 def code_deps(command: str, root: Path) -> list[str]:
     """The library code `vidistill <command>` runs, as paths relative to `root` (package folders and files).
 
@@ -172,7 +177,7 @@ def build_dvc(params: dict[str, Any], root: Path) -> dict[str, Any]:
     """
     from vidistill.distill import get_method, list_methods
 
-    methods = (params.get("pipeline") or {}).get("methods")
+    methods = (params.get("pipeline") or {}).get("methods", list_methods())
     if not methods or not isinstance(methods, list):
         raise ConfigError(f"params.yaml pipeline.methods must be a non-empty list, got {methods!r}; "
                           f"registered methods: {', '.join(list_methods())}")
