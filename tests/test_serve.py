@@ -292,3 +292,17 @@ def test_serve_refuses_bad_settings_in_one_line(student_onnx, tmp_path):  # noqa
             assert r.returncode == 2, (args, r.stderr)
             lines = r.stderr.strip().splitlines()
             assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_bench_serve_smoke(student_onnx):  # noqa: F811
+    """`vidistill bench serve` at toy scale: every protocol row, zero errors, answers equal ONNX Runtime's."""
+    from vidistill.serve.bench import bench_serve
+
+    r = bench_serve(student_onnx["model"], onnx_path=student_onnx["onnx_path"], requests=12, concurrency=2, batching="off",
+                    latency_iters=2)
+    assert [(row["protocol"], row["batching"]) for row in r["rows"]] == [("json", "off"), ("binary", "off"), ("grpc", "off")]
+    assert all(row["errors"] == 0 and row["matches_onnxruntime"] and row["throughput_rps"] > 0 for row in r["rows"])
+    assert set(r["ratios"]) == {"vidistill binary/json, batching off", "vidistill grpc/json, batching off"}
+    assert "| vidistill | grpc | off |" in r["markdown"]
+    with pytest.raises(ValueError, match="batching must be"):
+        bench_serve(student_onnx["model"], onnx_path=student_onnx["onnx_path"], batching="sometimes")

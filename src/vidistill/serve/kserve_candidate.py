@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 
 import numpy as np
 import onnxruntime as ort
@@ -75,7 +76,7 @@ class OnnxStudent(Model):
         results = dict(zip(self.outs, self.session.run(self.outs, {self.inp.name: x}), strict=True))
         outputs = [InferOutput(name=n, shape=list(results[n].shape), datatype="FP32", data=results[n]) for n in wanted]
         return InferResponse(
-            response_id=payload.id, model_name=self.name, infer_outputs=outputs, model_version=payload.model_version,
+            response_id=payload.id or str(uuid.uuid4()), model_name=self.name, infer_outputs=outputs, model_version=payload.model_version,
             requested_outputs=payload.request_outputs, use_binary_outputs=bool((payload.parameters or {}).get("binary_data_output")),
         )
 

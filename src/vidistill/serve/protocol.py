@@ -130,6 +130,21 @@ def finish_input(name: str, values: np.ndarray, shape: list[int]) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """The `parameters` object of a request, input or output (absent or null: empty)."""
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(400, f'{where}"parameters" must be an object, got {params!r}')
+    return params
+
+
+def _bool_parameter(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    flag = params.get(key, default)
+    if not isinstance(flag, bool):
+        raise ProtocolError(400, f'{where}"{key}" must be true or false, got {flag!r}')
+    return flag
+
+
 def check_outputs(requested: Any, model_outputs: Sequence[TensorSpec], *, binary_default: bool) -> tuple[list[str], dict[str, bool]]:
     """Requested outputs (REST `outputs`, a list of objects, or absent/null = all) -> names and binary flags."""
     names = [s.name for s in model_outputs]
@@ -142,12 +157,9 @@ def check_outputs(requested: Any, model_outputs: Sequence[TensorSpec], *, binary
     for o in requested:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise ProtocolError(400, f"each requested output must be an object with a string \"name\", got {o!r}")
-        params = o.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ProtocolError(400, f"output {o['name']!r}: \"parameters\" must be an object, got {params!r}")
-        flag = params.get("binary_data", binary_default)
-        if not isinstance(flag, bool):
-            raise ProtocolError(400, f"output {o['name']!r}: \"binary_data\" must be true or false, got {flag!r}")
+        where = f"output {o['name']!r}: "
+        params = _parameters(o, where)
+        flag = _bool_parameter(params, "binary_data", binary_default, where)
         check_output_name(o["name"], params, model_outputs, out)
         out.append(o["name"])
         binary[o["name"]] = flag
@@ -198,12 +210,7 @@ def parse_rest(body: bytes, header_length: str | None, model_inputs: Sequence[Te
     rid = req.get("id")
     if rid is not None and not isinstance(rid, str):
         raise ProtocolError(400, f'"id" must be a string, got {rid!r}')
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ProtocolError(400, f'"parameters" must be an object, got {params!r}')
-    binary_default = params.get("binary_data_output", False)
-    if not isinstance(binary_default, bool):
-        raise ProtocolError(400, f'"binary_data_output" must be true or false, got {binary_default!r}')
+    binary_default = _bool_parameter(_parameters(req, ""), "binary_data_output", False, "")
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise ProtocolError(400, f'"inputs" must be a non-empty list of tensors; the model takes {[s.as_dict() for s in model_inputs]}')
@@ -220,9 +227,7 @@ def parse_rest(body: bytes, header_length: str | None, model_inputs: Sequence[Te
         if missing:
             raise ProtocolError(400, f"input {t.get('name', '?')!r} is missing {', '.join(missing)}")
         spec, shape = check_input(t["name"], t["datatype"], t["shape"], model_inputs, seen=seen)
-        tparams = t.get("parameters") or {}
-        if not isinstance(tparams, dict):
-            raise ProtocolError(400, f"input {spec.name!r}: \"parameters\" must be an object, got {tparams!r}")
+        tparams = _parameters(t, f"input {spec.name!r}: ")
         size = tparams.get("binary_data_size")
         if size is not None:
             if "data" in t:
