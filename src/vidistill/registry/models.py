@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +228,9 @@ def resolve(model_uri: str) -> Any:
             have = f"its aliases are {aliases}" if aliases else "it has no aliases; promote a version with `vidistill promote`"
             raise ValueError(f"{name!r} has no alias {parsed.alias!r} (its version may have been deleted); {have}") from None
     if parsed.stage is not None:
-        latest = c.get_latest_versions(name, [parsed.stage])
+        with warnings.catch_warnings():  # stages are deprecated; the URI form is still MLflow's
+            warnings.simplefilter("ignore", FutureWarning)
+            latest = c.get_latest_versions(name, [parsed.stage])
         if not latest:
             raise ValueError(f"{name!r} has no version in stage {parsed.stage!r}; use models:/{name}@champion or models:/{name}/latest")
         return max(latest, key=lambda v: int(v.version))

@@ -61,9 +61,6 @@ from vidistill.serve.protocol import FP32, INFERENCE_HEADER, ProtocolError, Tens
 MAX_CLASSIFY_CLIPS = 32
 EXTENSIONS = ["binary_tensor_data"]
 
-# kept for callers of the previous module layout
-RequestError = ProtocolError
-
 
 @dataclass
 class LoadedModel:
