@@ -221,12 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = sub.add_parser("rollback", help="move the champion alias back to --version or the previous champion")
     rollback.add_argument("--model-name", required=True)
     rollback.add_argument("--version", default=None)
-    serve = sub.add_parser("serve", help="serve an ONNX student (KServe v2 protocol + video upload) with ONNX Runtime")
-    serve.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION or a path to model.onnx")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--max-body-mb", type=float, default=None)
-    serve.add_argument("--batching", action="store_true", help="dynamic batching of concurrent requests")
+    serve = sub.add_parser("serve", help="serve an ONNX student with ONNX Runtime: KServe v2 over REST (JSON, binary) and gRPC, video upload, metrics")
+    from vidistill.serve.options import add_serve_arguments
+
+    add_serve_arguments(serve)
     sub.add_parser("methods", help="list the registered distillation methods and their hyperparameters")
     bench = sub.add_parser("bench", help="benchmarks (numbers for the README)")
     from vidistill.benchmarks import BENCHMARKS
@@ -281,10 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _print(rollback(args.model_name, args.version))
         elif args.command == "serve":
-            from vidistill.serve.app import serve
+            from vidistill.serve.options import serve_from_args
 
-            kw = {"max_body_mb": args.max_body_mb} if args.max_body_mb else {}
-            serve(args.model, host=args.host, port=args.port, batching=args.batching, **kw)
+            serve_from_args(args)
         elif args.command == "methods":
             _list_methods()
         elif args.command == "bench":
