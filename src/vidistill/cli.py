@@ -133,6 +133,10 @@ def cmd_teach(cfg: C.TeachConfig, args: argparse.Namespace) -> None:
     from vidistill import stages
 
     s = stages.teach(cfg, progress=not args.quiet, track=not args.no_track)
+    if "heldout_loss" in s:  # a masked pretext: no classifier
+        print(f"teach (--pretext {cfg.pretext}): held-out masked-reconstruction loss {s['heldout_loss_init']:.4f} "
+              f"untrained -> {s['heldout_loss']:.4f} -> {s['model']}")
+        return
     if "top1" not in s:  # a worker rank under torchrun: rank 0 reports
         return
     print(f"teach ({cfg.modality}): top1 {s['top1']:.3f} top5 {s['top5']:.3f} mAP {s['mAP']:.3f} -> {s['model']}")

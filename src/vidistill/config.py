@@ -123,6 +123,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2); MAE/VideoMAE/MVD use 0.9, 0.95
     optimizer: str = "adamw"  # adamw | sgd
     warmup_epochs: int = 1
     label_smoothing: float = 0.0
@@ -138,6 +139,12 @@ class TrainConfig:
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        try:
+            self.betas = [float(b) for b in self.betas]
+        except (TypeError, ValueError):
+            raise ConfigError(f"betas must be two numbers, e.g. 0.9,0.95, got {self.betas!r}") from None
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+               f"betas must be two numbers in [0, 1), e.g. 0.9,0.95, got {self.betas!r}")
         _check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1, f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -152,19 +159,44 @@ class TeachConfig:
     out: str = ""  # empty: runs/teacher_<modality>
     modality: str = "rgb"  # rgb | flow
     model: str = "r2plus1d_teacher"
-    pretext: str = "none"  # none: the clips' labels | pace: predict the playback speed (self-supervised, labels unread)
+    # none: the clips' labels | pace: predict the playback speed | mae, videomae: masked pixel modelling |
+    # mvd: masked video distillation from an MAE and a VideoMAE teacher (the self-supervised ones never read labels)
+    pretext: str = "none"
     paces: int = 3  # pace: speeds 1x .. paces x
     pretext_frames: int = 8  # pace: frames per clip, sampled from longer prep clips
+    mask_ratio: float = 0.0  # mae/videomae/mvd: masked fraction; 0 = the paper's (mae 0.75, videomae and mvd 0.9)
+    decoder_depth: int = 2  # mae/videomae/mvd: decoder blocks (MVD --decoder_depth 2)
+    decoder_dim: int = 0  # decoder width; 0 = the encoder's
+    decoder_heads: int = 0  # decoder heads; 0 = the encoder's
+    image_teacher: str = "runs/mvd/image_teacher/model.pt"  # mvd: the MAE image teacher
+    video_teacher: str = "runs/mvd/video_teacher/model.pt"  # mvd: the VideoMAE video teacher
+    mvd_teachers: str = "both"  # mvd: both (co-teaching) | image | video
+    image_weight: float = 1.0  # mvd: lambda_1
+    video_weight: float = 1.0  # mvd: lambda_2
     resume: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
+        from vidistill.train.pretext import DEFAULT_MASK_RATIO, MASKED_PRETEXTS, MVD_TEACHERS
+
+        pretexts = ("none", "pace", *MASKED_PRETEXTS)
         _check(self.modality in ("rgb", "flow"), f"teach.modality must be 'rgb' or 'flow', got {self.modality!r}")
-        _check(self.pretext in ("none", "pace"), f"teach.pretext must be 'none' or 'pace', got {self.pretext!r}")
+        _check(self.pretext in pretexts, f"teach.pretext must be one of {', '.join(pretexts)}, got {self.pretext!r}")
         if self.pretext == "pace":
             _check(self.modality == "rgb", "teach.pretext 'pace' trains an RGB encoder; use --modality rgb")
             _check(self.paces >= 2, f"teach.paces must be >= 2, got {self.paces}")
             _check(self.pretext_frames >= 2, f"teach.pretext_frames must be >= 2, got {self.pretext_frames}")
+        if self.pretext in MASKED_PRETEXTS:
+            _check(self.modality == "rgb", f"teach.pretext {self.pretext!r} trains an RGB ViT; use --modality rgb")
+            self.mask_ratio = self.mask_ratio or DEFAULT_MASK_RATIO[self.pretext]
+            _check(0.0 < self.mask_ratio < 1.0, f"teach.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+            _check(self.decoder_depth >= 1, f"teach.decoder_depth must be >= 1, got {self.decoder_depth}")
+            _check(self.decoder_dim >= 0 and self.decoder_heads >= 0,
+                   f"teach.decoder_dim and decoder_heads must be >= 0 (0 = the encoder's), got {self.decoder_dim}, {self.decoder_heads}")
+            _check(self.mvd_teachers in MVD_TEACHERS,
+                   f"teach.mvd_teachers must be one of {', '.join(MVD_TEACHERS)}, got {self.mvd_teachers!r}")
+            _check(self.image_weight >= 0 and self.video_weight >= 0,
+                   f"teach.image_weight and video_weight must be >= 0, got {self.image_weight}, {self.video_weight}")
         self.out = self.out or f"runs/teacher_{self.modality}"
         from vidistill.models import list_models
 
@@ -184,6 +216,7 @@ class DistillConfig:
     teacher_rgb: str = "runs/teacher_rgb/model.pt"
     teacher_flow: str = "runs/teacher_flow/model.pt"
     pretrained: str = ""  # model.pt of a pre-trained encoder (sd)
+    mvd_encoder: str = "runs/mvd/student/model.pt"  # model.pt of the masked-pre-trained ViT that mvd fine-tunes
     resume: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: dict = field(default_factory=dict)  # per-method hyperparameters: methods.<key>.<name>

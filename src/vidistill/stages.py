@@ -91,10 +91,11 @@ def flow(cfg: FlowConfig, *, progress: bool = True, track: bool = True) -> dict[
 
 def _train_and_evaluate(task: Any, export_model: Any, *, train_set: Any, train_cfg: Any, out: Path, clips: str,
                         flow_dir: str, resume: bool, progress: bool, run: Any, stop_after_epochs: int | None,
-                        extra: dict[str, Any], eval_set: Any = None) -> dict[str, Any]:
+                        extra: dict[str, Any], eval_set: Any = None, heldout_loss: bool = False) -> dict[str, Any]:
     """Shared by teach and distill: fit, save `model.pt` (the module `export_model()` returns after
     training, rebuilt later from its preset name and builder arguments), loss curves, evaluate on the
-    test split (`clips`, or `eval_set` when the task is not the clips' labels)."""
+    test split (`clips`, or `eval_set` when the task is not the clips' labels, or, with `heldout_loss`,
+    the masked pretexts' held-out reconstruction loss instead of a classification)."""
     from vidistill.evaluate.runner import plot_curves
     from vidistill.train import fit, save_model
     from vidistill.train.loop import is_main_process
@@ -110,6 +111,8 @@ def _train_and_evaluate(task: Any, export_model: Any, *, train_set: Any, train_c
     name = model.create_kwargs["name"]
     plot_curves(history, out / "loss_curves.png", title=f"{name} " + ", ".join(f"{k}={v}" for k, v in extra.items()))
     run.log_artifact(out / "loss_curves.png")
+    if heldout_loss:  # masked pretexts: no classifier to evaluate
+        return _heldout_report(task, history, out=out, run=run, seconds=seconds)
     if eval_set is None:
         result = evaluate(EvaluateConfig(clips=clips, flow=flow_dir, checkpoint=str(out / "model.pt"),
                                          out=str(out / "eval"), device=train_cfg.device), track=False)
@@ -126,18 +129,63 @@ def _train_and_evaluate(task: Any, export_model: Any, *, train_set: Any, train_c
             "run_id": run.run_id, **{k: result[k] for k in ("top1", "top5", "mAP")}}
 
 
+def _heldout_report(task: Any, history: list[dict[str, float]], *, out: Path, run: Any, seconds: float) -> dict[str, Any]:
+    """`eval/metrics.json` of a masked pretext: its held-out masked-reconstruction loss before and after training."""
+    last = history[-1]
+    result = {"heldout_loss": last["heldout_loss"], "heldout_loss_init": task.heldout_init,
+              "heldout_loss_by_epoch": [h["heldout_loss"] for h in history]}
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    (out / "eval" / "metrics.json").write_text(json.dumps(result, indent=2))
+    run.log_metrics(_numeric({k: result[k] for k in ("heldout_loss", "heldout_loss_init")}))
+    run.log_artifacts(out / "eval")
+    return {"out": str(out), "model": str(out / "model.pt"), "train_seconds": seconds, "history": history,
+            "run_id": run.run_id, **{k: result[k] for k in ("heldout_loss", "heldout_loss_init")}}
+
+
+def _teach_masked(cfg: TeachConfig, *, progress: bool, track: bool, stop_after_epochs: int | None) -> dict[str, Any]:
+    """`teach --pretext mae|videomae|mvd`: masked pre-training on the unlabelled pool (the train split, checked
+    to hold no test video; labels never read), evaluated by the held-out reconstruction loss on the test split."""
+    from vidistill.data import ClipDataset
+    from vidistill.data.pool import FrameClips, unlabelled_pool
+    from vidistill.models import create_model
+    from vidistill.train.pretext import build_masked_task
+
+    pool, heldout = unlabelled_pool(cfg.clips), ClipDataset(cfg.clips, "test")
+    if cfg.pretext == "mae":  # the image teacher learns from the pool's frames: a random one of each clip per epoch
+        pool, heldout = FrameClips(pool, random_frame=True), FrameClips(heldout, random_frame=False)
+    torch_seed(cfg.train.seed)
+    model = create_model(cfg.model, **_model_kwargs(pool))
+    task = build_masked_task(cfg.pretext, model, mask_ratio=cfg.mask_ratio, decoder_depth=cfg.decoder_depth,
+                             decoder_dim=cfg.decoder_dim, decoder_heads=cfg.decoder_heads,
+                             image_teacher=cfg.image_teacher, video_teacher=cfg.video_teacher, teachers=cfg.mvd_teachers,
+                             image_weight=cfg.image_weight, video_weight=cfg.video_weight, heldout=heldout,
+                             eval_batch=max(cfg.train.batch_size, 32))
+    extra: dict[str, Any] = {"modality": "rgb", "pretext": cfg.pretext, "mask_ratio": cfg.mask_ratio}
+    if cfg.pretext == "mvd":
+        extra["mvd_teachers"] = cfg.mvd_teachers
+    with tracked(f"pretext_{cfg.pretext}", cfg, tags={"data_hash": _manifest_hash(cfg.clips), "method": f"pretext_{cfg.pretext}"},
+                 track=track) as run:
+        return _train_and_evaluate(task, lambda: model, train_set=pool, train_cfg=cfg.train, out=Path(cfg.out),
+                                   clips=cfg.clips, flow_dir=cfg.flow, resume=cfg.resume, progress=progress, run=run,
+                                   stop_after_epochs=stop_after_epochs, extra=extra, heldout_loss=True)
+
+
 def _model_kwargs(train_set: Any, modality: str = "rgb") -> dict[str, Any]:
     return {"num_classes": train_set.num_classes, "frames": train_set.frames, "size": train_set.size, "modality": modality}
 
 
 def teach(cfg: TeachConfig, *, progress: bool = True, track: bool = True,
           stop_after_epochs: int | None = None) -> dict[str, Any]:
-    """Train a teacher (`vidistill teach`): RGB or flow stream, then evaluate it on the test split."""
+    """Train a teacher (`vidistill teach`): RGB or flow stream, then evaluate it on the test split; or pre-train an
+    encoder without labels (`pretext`: pace, or the masked pretexts mae, videomae and mvd, see `_teach_masked`)."""
     cfg.validate()
     from vidistill.data import ClipDataset
     from vidistill.models import create_model
     from vidistill.train import Supervised
+    from vidistill.train.pretext import MASKED_PRETEXTS
 
+    if cfg.pretext in MASKED_PRETEXTS:
+        return _teach_masked(cfg, progress=progress, track=track, stop_after_epochs=stop_after_epochs)
     train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if cfg.modality == "flow" else None)
     eval_set, extra = None, {"modality": cfg.modality}
     if cfg.pretext == "pace":  # self-supervised: the clips' labels are never read
@@ -171,7 +219,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
     method = get_method(cfg.method)
     params = method_params(cfg.method, cfg.methods.get(cfg.method))
     train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None)
-    files = {n: getattr(cfg, n) for n in method.needs}  # only what the method declares reaches it
+    files = {n: getattr(cfg, n) for n in method.needed_files(params)}  # only what the method reads reaches it
     ctx = DistillContext(num_classes=train_set.num_classes, classes=train_set.classes, frames=train_set.frames,
                          size=train_set.size, label_smoothing=cfg.train.label_smoothing, **files)
     torch_seed(cfg.train.seed)

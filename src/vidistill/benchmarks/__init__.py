@@ -1,7 +1,7 @@
 """`vidistill bench ...`: benchmarks whose numbers go into the README, always with the machine named.
 
 The benchmarks live here, outside the stage modules: `prep` (`benchmarks/prep.py`), `methods`
-(`benchmarks/methods.py`), the model zoo's latency (`python -m vidistill.benchmarks.models`); `flow`
+(`benchmarks/methods.py`), `mvd` (`benchmarks/mvd.py`), the model zoo's latency (`python -m vidistill.benchmarks.models`); `flow`
 and `serve` are still in `vidistill/flow/bench.py` and `vidistill/serve/bench.py`. `run_bench`
 dispatches by name through `BENCHMARKS`.
 """
@@ -21,6 +21,9 @@ BENCHMARKS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "serve": ("vidistill.serve.bench", "bench_serve", {"requests": 80}),
     "methods": ("vidistill.benchmarks.methods", "bench_methods",
                 {"seeds": 1, "videos_per_class": 6, "teacher_epochs": 1, "student_epochs": 1}),
+    "mvd": ("vidistill.benchmarks.mvd", "bench_mvd",
+            {"seeds": 1, "videos_per_class": 6, "labelled_per_class": 2, "teacher_epochs": 1, "mvd_epochs": 1,
+             "finetune_epochs": 1}),
 }
 
 
