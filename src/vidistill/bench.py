@@ -67,7 +67,7 @@ def run_bench(what: str, *, quick: bool = False, overrides: list[str] | None = N
     """Run one benchmark, print a table, return the results (with the machine).
 
     Args:
-        what: prep, flow, serve or methods.
+        what: prep, flow, serve, methods, train or ort.
         quick: fewer items, for a smoke run.
         overrides: `name=value` settings of the benchmark function (`vidistill bench methods --set seeds=5`).
     """
@@ -81,7 +81,7 @@ def run_bench(what: str, *, quick: bool = False, overrides: list[str] | None = N
     elif what == "flow":
         from vidistill.flow.bench import bench_flow as fn
 
-        kwargs = {"pairs": 2, "sizes": ((112, 112),)} if quick else {}
+        kwargs = {"pairs": 2, "sizes": ("112x112",)} if quick else {}
     elif what == "serve":
         from vidistill.serve.bench import bench_serve as fn
 
@@ -90,8 +90,17 @@ def run_bench(what: str, *, quick: bool = False, overrides: list[str] | None = N
         from vidistill.evaluate.compare import bench_methods as fn
 
         kwargs = {"seeds": 1, "videos_per_class": 6, "teacher_epochs": 1, "student_epochs": 1} if quick else {}
+    # --- GPU check (issue 19): training throughput per precision, ONNX Runtime per provider ---
+    elif what == "train":
+        from vidistill.benchmarks.train import bench_train as fn
+
+        kwargs = {"methods": ("none",), "precisions": ("fp32",), "batch_size": 2, "steps": 2, "warmup": 1} if quick else {}
+    elif what == "ort":
+        from vidistill.benchmarks.ort import bench_ort as fn
+
+        kwargs = {"batches": (1,), "iters": 3, "warmup": 1} if quick else {}
     else:
-        raise ValueError(f"unknown benchmark {what!r}; choose prep, flow, serve or methods")
+        raise ValueError(f"unknown benchmark {what!r}; choose prep, flow, serve, methods, train or ort")
     kwargs.update(bench_overrides(fn, overrides or []))
     results = fn(**kwargs)
     rows = results.get("rows") or [results]

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batching", action="store_true", help="dynamic batching of concurrent requests")
     sub.add_parser("methods", help="list the registered distillation methods and their hyperparameters")
     bench = sub.add_parser("bench", help="benchmarks (numbers for the README)")
-    bench.add_argument("what", choices=["prep", "flow", "serve", "methods"])
+    bench.add_argument("what", choices=["prep", "flow", "serve", "methods", "train", "ort"])
     bench.add_argument("--quick", action="store_true", help="fewer items, for a smoke run")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.add_argument("--set", action="append", metavar="NAME=VALUE",
