@@ -22,10 +22,11 @@ pass; the result equals `cv2.medianBlur` exactly (a median is a selection, no ar
 Memory traffic per pixel and iteration, float32, counted from the code (an estimate, not measured):
 eager ~94 reads+writes = 376 bytes; fused 16 = 64 bytes (u 2+2, q 4+4, data terms 4). On the
 benchmark's 320x240 warped-photo pairs a pair costs about 1.8e7 pixel-iterations over the five
-levels (counted on CPU, `scripts`-free: `_count_iterations` in tests), so a GPU with B bytes/s of
-memory bandwidth is bounded near B / (1.8e7 * 376) pairs/s eager and B / (1.8e7 * 64) fused: about
-500 and 2,900 pairs/s at an H100 SXM's 3.35 TB/s, 700 and 4,200 at an H200's 4.8 TB/s, before
-warps, medians and the extra iterations of frozen pairs that wait for compaction.
+levels (counted on CPU: `tvl1_torch(..., stats=...)`, the bench's `pixel_iterations_per_pair`), so a
+GPU with B bytes/s of memory bandwidth is bounded near B / (1.8e7 * 376) pairs/s eager and
+B / (1.8e7 * 64) fused: about 500 and 2,900 pairs/s at an H100 SXM's 3.35 TB/s, 700 and 4,200 at an
+H200's 4.8 TB/s, before warps, medians and the extra iterations of frozen pairs that wait for
+compaction.
 """
 
 from __future__ import annotations
@@ -186,6 +187,10 @@ class FusedKernels:
     median: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
     mode: str  # "eager" or the torch.compile mode
     check_every: int = CHECK_EVERY
+    # CUDA-graph outputs live in the graph's pool and are overwritten by its next replay; torch up to
+    # at least 2.12 refuses them as the next call's inputs ("overwritten by a subsequent run",
+    # pytorch#175557), so under "reduce-overhead" each output is copied out (u, q, active)
+    copy_outputs: bool = False
 
 
 @functools.cache
@@ -203,7 +208,8 @@ def fused_kernels(mode: str = "default", backend: str = "inductor") -> FusedKern
     if mode == "eager":
         return FusedKernels(step=fused_step, median=_masked_median, mode=mode)
     compile_ = functools.partial(torch.compile, mode=mode, backend=backend, dynamic=True, fullgraph=True)
-    return FusedKernels(step=compile_(fused_step), median=compile_(_masked_median), mode=mode)
+    return FusedKernels(step=compile_(fused_step), median=compile_(_masked_median), mode=mode,
+                        copy_outputs=mode == "reduce-overhead")
 
 
 def _bucket(n: int) -> int:
@@ -248,8 +254,11 @@ def solve_level_fused(
         for _ in range(p.outer_iterations):
             if p.median_filtering > 1:
                 uw = kernels.median(uw, active, p.median_filtering)
+                uw = uw.clone() if kernels.copy_outputs else uw
             for inner in range(p.inner_iterations):
                 uw, qw, active = kernels.step(uw, qw, igw, rhow, nigw, active, coef)
+                if kernels.copy_outputs:
+                    uw, qw, active = uw.clone(), qw.clone(), active.clone()
                 stats["pixel_iterations"] += len(rows) * h * w
                 since_check += 1
                 if since_check < kernels.check_every and inner < p.inner_iterations - 1:
