@@ -77,14 +77,14 @@ def test_a_slow_part_is_cut_at_its_limit_and_the_others_still_report(tmp_path: P
         _Fake("broken", "fake", {"code": "raise SystemExit('boom')"}, timeout=30),
         _Fake("good", "fake", {"code": "import json; json.dump({'rows': [{'backend': 'torch-cuda', 'compile': 'on', "
                                         "'pairs_per_s': 512.0, 'epe_ref': 0.2, 'epe_ratio': 1.2}], 'errors': []}, open(RESULT, 'w'))"}),
-        _Fake("late", "fake", {"code": "print('never')"}),
+        _Fake("silent", "fake", {"code": "print('no result file')"}),
     ]
-    summary = run_check(tmp_path, parts=parts, budget=20)
+    summary = run_check(tmp_path, parts=parts, budget=25, probe=False)
     p = summary["parts"]
     assert p["slow"]["status"] == "timeout" and 5 < p["slow"]["seconds"] < 15 and "started" in p["slow"]["output_tail"]
     assert p["broken"]["status"] == "error" and "boom" in p["broken"]["output_tail"]
     assert p["good"]["status"] == "ok" and p["good"]["result"]["rows"][0]["pairs_per_s"] == 512.0
-    assert p["late"]["status"] in ("ok", "error", "skipped")  # whatever the budget left, it is recorded
+    assert p["silent"]["status"] == "error" and p["silent"]["error"] == "no result written"
     failures = "\n".join(summary["failures"])
     assert "slow: timeout" in failures and "broken: error" in failures
     assert "1.2x OpenCV's (gate 1.05x)" in failures  # the accuracy gate fails the check too
@@ -104,13 +104,13 @@ def test_run_part_never_raises_on_a_missing_interpreter(tmp_path: Path) -> None:
 def test_smoke_profile_runs_the_real_parts_on_cpu(tmp_path: Path) -> None:
     """The check's own commands (pytest -m gpu, bench flow, bench train), at toy sizes, end to end."""
     proc = subprocess.run([sys.executable, "-m", "vidistill.gpu_check", "--profile", "smoke", "--out", str(tmp_path),
-                           "--only", "tests", "--only", "flow_320x240", "--only", "train_8x56"],
+                           "--only", "tests_gpu", "--only", "flow_320x240", "--only", "train_8x56"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [line.split(":")[0] for line in proc.stdout.splitlines()[:3]] == [
-        "gpu-check tests", "gpu-check flow_320x240", "gpu-check train_8x56"]
-    tests = summary["parts"]["tests"]["result"]
+        "gpu-check flow_320x240", "gpu-check tests_gpu", "gpu-check train_8x56"]
+    tests = summary["parts"]["tests_gpu"]["result"]
     assert tests["failed"] == 0 and tests["skipped"] == len(tests["tests"]) > 0  # gpu tests skip on CPU
     flow = {r["backend"]: r for r in summary["parts"]["flow_320x240"]["result"]["rows"]}
     assert flow["torch-cpu"]["epe_ratio"] <= 1.05 and flow["opencv-mp"]["pairs"] == 2
@@ -128,9 +128,12 @@ def _fake_summary() -> dict:
         "headline": {"tvl1_320x240": {"best_compile": "on", "pairs_per_s": 1234.5, "eager_pairs_per_s": 321.0,
                                       "floor_met": True, "goal_met": True}, "recommended_tvl1_compile": "on"},
         "parts": {
-            "tests": {"status": "ok", "command": "pytest -m gpu tests/test_flow.py tests/test_gpu.py",
-                      "result": {"passed": 17, "failed": 1, "skipped": 2,
-                                 "tests": [{"name": "test_gpu::test_x", "outcome": "failed", "message": "boom"}]}},
+            "tests_flow": {"status": "ok", "command": "pytest -m gpu tests/test_flow.py",
+                           "result": {"passed": 7, "failed": 0, "skipped": 0, "tests": []}},
+            "tests_gpu": {"status": "ok", "command": "pytest -m gpu tests/test_gpu.py",
+                          "result": {"passed": 17, "failed": 1, "skipped": 2,
+                                     "tests": [{"name": "test_gpu::test_x", "outcome": "failed", "message": "boom"},
+                                               {"name": "test_gpu::test_ort", "outcome": "skipped", "message": "no CUDA EP"}]}},
             "flow_320x240": {"status": "ok", "command": "vidistill bench flow --set sizes=320x240", "result": {"workers": 16, "rows": [
                 {"backend": "torch-cuda", "compile": "off", "pairs_per_s": 321.0, "speedup": 20.1, "epe_ref": 0.201,
                  "epe_ratio": 1.004, "peak_mib": 5600.0, "batch_size": 218},
@@ -157,7 +160,9 @@ def test_readme_table_is_made_from_the_summary() -> None:
     table = readme_table(_fake_summary())
     assert table.startswith("Machine: NVIDIA H200 (139.8 GiB), driver 580.1, Xeon (16 cores); torch 2.11.0+cu130")
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert "17 passed, 1 failed, 2 skipped (failed: test_gpu::test_x)" in lines["GPU tests (`-m gpu`)"]
+    assert "7 passed, 0 failed, 0 skipped" in lines["GPU tests of TV-L1 (`-m gpu`)"]
+    assert "17 passed, 1 failed, 2 skipped (failed: test_gpu::test_x) (skipped: no CUDA EP)" in lines[
+        "GPU tests of training, ONNX Runtime, flow stage"]
     flow = lines["TV-L1, 320×240"]
     assert "`vidistill bench flow --set sizes=320x240`" in flow
     assert "CUDA compile=on: **1,234 pairs/s** (77.2× OpenCV), EPE 0.2 = 0.999× OpenCV's" in flow
@@ -167,7 +172,7 @@ def test_readme_table_is_made_from_the_summary() -> None:
     assert "teacher (r2plus1d_teacher, batch 64): fp32 5,000, bf16 9,000 (1.8×) clips/s" in lines["training, 8×56×56 clips"]
     assert "**timeout**" in lines["training, 16×112×112 clips"]
     assert "ort-cuda: not measured: onnxruntime 1.30.0 has no CUDAExecutionProvider" in table
-    assert "| TV-L1, 112×112 | — | not run |" in table
+    assert "| TV-L1, 112×112 | — | not run |" in table and "| TV-L1, 320×240, CUDA graphs | — | not run |" in table
     md = render_markdown(_fake_summary())
     assert "best 1234.5 pairs/s with compile=on (eager 321.0); floor 300 met" in md and "`flow.tvl1_compile`: `on`" in md
 

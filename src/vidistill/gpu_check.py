@@ -5,14 +5,15 @@
 Parts, each a subprocess of the project's own commands with its own time limit, in the order that
 matters most (a slow or failing part never hides the others' results):
 
-1. `tests`: the GPU-marked tests (`pytest -m gpu`): CUDA TV-L1 (eager and compiled) against OpenCV,
-   CUDA training steps (fp32, bf16, fp16), ONNX Runtime's CUDA provider against PyTorch, the flow
-   stage on CUDA;
-2. `flow_320x240`, `flow_112x112`: `vidistill bench flow` on CUDA, eager against the compiled
-   paths, against OpenCV on the CPU cores (EPE of both on the same pairs);
-3. `train_8x56`, `train_16x112`: `vidistill bench train`: teacher and student clips/s, fp32/bf16/fp16;
-4. `ort`: `vidistill bench ort`: serving latency and clips/s, CUDA provider against CPU provider;
-5. `flow_memory`: peak GPU memory of TV-L1 per batch size.
+1. `tests_flow`: the GPU-marked tests of tests/test_flow.py (`pytest -m gpu`): CUDA TV-L1, eager,
+   compiled and as CUDA graphs, against OpenCV on the same pairs (this also fills the compile caches);
+2. `flow_320x240`: `vidistill bench flow` on CUDA, eager against compiled, against OpenCV on the CPU
+   cores (EPE of both on the same pairs);
+3. `tests_gpu`: tests/test_gpu.py: CUDA training steps (fp32, bf16, fp16), ONNX Runtime's CUDA
+   provider and the export parity gate against PyTorch, the flow stage on CUDA;
+4. `train_8x56`, `train_16x112`: `vidistill bench train`: teacher and student clips/s, fp32/bf16/fp16;
+5. `ort`: `vidistill bench ort`: serving latency and clips/s, CUDA provider against CPU provider;
+6. `flow_112x112`, `flow_320x240_graphs` (CUDA graphs), `flow_memory` (peak GPU memory per batch size).
 
 It writes `gpu_check.json` (everything), `gpu_check.md` (the tables, and the README's GPU table)
 and `gpu_check.log` (every part's output) to `--out`, prints one line per part, and exits 1 if a part
@@ -59,6 +60,12 @@ class Part:
         sets = [x for k, v in self.settings.items() for x in ("--set", f"{k}={v}")]
         return [python, "-m", "vidistill.cli", "bench", self.what, "--json", str(result), *sets]
 
+    def display(self) -> str:
+        """The command as a person would type it (for the summary and the README table)."""
+        if self.what == "tests":
+            return "pytest -m gpu " + " ".join(self.settings["files"].split(","))
+        return f"vidistill bench {self.what} " + " ".join(f"--set {k}={v}" for k, v in self.settings.items())
+
 
 def plan(profile: str = "full") -> list[Part]:
     """The parts of the check. `smoke` keeps every part and setting name, at toy sizes on the CPU.
@@ -66,30 +73,35 @@ def plan(profile: str = "full") -> list[Part]:
     Full-profile sizes: 436 pairs of 320x240 are two default GPU batches (218 pairs, 16 M pixels);
     OpenCV, the CPU reference, solves the first 32 of them over all cores.
     """
+    flow_ref = {"backends": "torch-cuda,opencv-mp", "repeats": "2"}
     parts = [
-        Part("tests", "tests", {"files": "tests/test_flow.py,tests/test_gpu.py"}, 120),
-        Part("flow_320x240", "flow", {"sizes": "320x240", "pairs": "436", "backends": "torch-cuda,opencv-mp",
-                                      "reference_pairs": "32", "compile_modes": "off,on,graphs", "repeats": "2"}, 140),
+        Part("tests_flow", "tests", {"files": "tests/test_flow.py"}, 80),  # also fills the compile caches
+        Part("flow_320x240", "flow", {"sizes": "320x240", "pairs": "436", **flow_ref, "reference_pairs": "32",
+                                      "compile_modes": "off,on"}, 100),
+        Part("tests_gpu", "tests", {"files": "tests/test_gpu.py"}, 60),
         Part("train_8x56", "train", {"device": "cuda", "batch_size": "64", "frames": "8", "size": "56",
-                                     "steps": "20", "warmup": "5"}, 35),
+                                     "steps": "20", "warmup": "5"}, 30),
         Part("train_16x112", "train", {"device": "cuda", "batch_size": "16", "frames": "16", "size": "112",
-                                       "steps": "10", "warmup": "3"}, 35),
-        Part("ort", "ort", {"batches": "1,8,32", "iters": "50", "warmup": "5"}, 45),
-        Part("flow_112x112", "flow", {"sizes": "112x112", "pairs": "1400", "backends": "torch-cuda,opencv-mp",
-                                      "reference_pairs": "64", "compile_modes": "off,on", "repeats": "2"}, 50),
+                                       "steps": "10", "warmup": "3"}, 30),
+        Part("ort", "ort", {"batches": "1,8,32", "iters": "50", "warmup": "5"}, 40),
+        Part("flow_112x112", "flow", {"sizes": "112x112", "pairs": "1400", **flow_ref, "reference_pairs": "64",
+                                      "compile_modes": "off,on"}, 40),
+        Part("flow_320x240_graphs", "flow", {"sizes": "320x240", "pairs": "436", **flow_ref, "reference_pairs": "16",
+                                             "compile_modes": "graphs"}, 55),
         Part("flow_memory", "flow", {"sizes": "320x240", "pairs": "512", "backends": "torch-cuda",
-                                     "compile_modes": "off,on", "batch_sizes": "32,128,512"}, 45),
+                                     "compile_modes": "off,on", "batch_sizes": "32,128,512"}, 40),
     ]
     if profile == "smoke":
+        flow_toy = {"backends": "torch-cpu,opencv-mp", "compile_modes": "off", "repeats": "1"}
         toy = {
-            "tests": {"files": "tests/test_gpu.py"},
-            "flow_320x240": {"sizes": "64x48", "pairs": "3", "backends": "torch-cpu,opencv-mp", "reference_pairs": "2",
-                             "compile_modes": "off", "repeats": "1"},
+            "tests_flow": {"files": "tests/test_gpu.py"},  # test_flow.py's CPU tests are the suite's
+            "flow_320x240": {"sizes": "64x48", "pairs": "3", **flow_toy, "reference_pairs": "2"},
+            "tests_gpu": {"files": "tests/test_gpu.py"},
             "train_8x56": {"device": "cpu", "batch_size": "2", "frames": "4", "size": "16", "steps": "1", "warmup": "0"},
             "train_16x112": {"device": "cpu", "batch_size": "2", "frames": "4", "size": "16", "steps": "1", "warmup": "0"},
             "ort": {"batches": "1", "iters": "2", "warmup": "0"},
-            "flow_112x112": {"sizes": "48x40", "pairs": "2", "backends": "torch-cpu,opencv-mp", "reference_pairs": "1",
-                             "compile_modes": "off", "repeats": "1"},
+            "flow_112x112": {"sizes": "48x40", "pairs": "2", **flow_toy, "reference_pairs": "1"},
+            "flow_320x240_graphs": {"sizes": "48x40", "pairs": "2", **flow_toy, "reference_pairs": "1"},
             "flow_memory": {"sizes": "48x40", "pairs": "2", "backends": "torch-cpu", "compile_modes": "off", "batch_sizes": "1"},
         }
         for part in parts:
@@ -205,9 +217,7 @@ def run_part(part: Part, *, python: str, tmp: Path, log: Path, timeout: float, e
     with log.open("a") as fh:
         fh.write(f"\n===== {part.name} ({status}, rc {rc}, {seconds:.1f} s): {' '.join(cmd)}\n{output}\n")
     out: dict[str, Any] = {"status": status, "seconds": round(seconds, 1), "timeout_s": round(timeout),
-                           "command": " ".join(["vidistill bench", part.what] if part.what != "tests" else ["pytest -m gpu"])
-                           + " " + " ".join(f"--set {k}={v}" for k, v in part.settings.items() if part.what != "tests")
-                           + (" " + " ".join(part.settings["files"].split(",")) if part.what == "tests" else "")}
+                           "command": part.display()}
     if result_path.exists():
         try:
             out["result"] = _junit(result_path) if part.what == "tests" else json.loads(result_path.read_text())
@@ -256,7 +266,7 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
 
 def run_check(out: Path, *, profile: str = "full", budget: float = BUDGET_S, python: str | None = None,
               timeouts: dict[str, float] | None = None, only: list[str] | None = None,
-              parts: list[Part] | None = None) -> dict[str, Any]:
+              parts: list[Part] | None = None, probe: bool = True) -> dict[str, Any]:
     """Run the parts of `plan(profile)` within `budget` seconds; write the summary files to `out`.
 
     Args:
@@ -268,6 +278,7 @@ def run_check(out: Path, *, profile: str = "full", budget: float = BUDGET_S, pyt
         timeouts: per-part limits replacing the plan's, in seconds.
         only: run only these parts (names from `plan`).
         parts: the parts to run instead of `plan(profile)` (tests).
+        probe: read the machine's environment first (`environment`).
 
     Returns:
         The summary written to gpu_check.json: {"profile", "environment", "budget_s", "seconds",
@@ -277,10 +288,11 @@ def run_check(out: Path, *, profile: str = "full", budget: float = BUDGET_S, pyt
     out.mkdir(parents=True, exist_ok=True)
     log = out / "gpu_check.log"
     log.write_text(f"vidistill gpu-check, profile {profile}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    start = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    summary: dict[str, Any] = {"profile": profile, "environment": environment(python), "budget_s": budget, "parts": {}}
+    summary: dict[str, Any] = {"profile": profile, "environment": environment(python) if probe else {},
+                               "budget_s": budget, "parts": {}}
+    start = time.perf_counter()  # the budget is the parts'
     parts = [p for p in (parts if parts is not None else plan(profile)) if not only or p.name in only]
     with tempfile.TemporaryDirectory(prefix="vidistill-gpu-check-") as tmp:
         for part in parts:

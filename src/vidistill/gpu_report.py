@@ -103,22 +103,25 @@ def _ort_cell(summary: dict[str, Any]) -> str:
     return "; ".join(bits) or "no rows"
 
 
-def _tests_cell(summary: dict[str, Any]) -> str:
-    why = _status(summary, "tests")
+def _tests_cell(summary: dict[str, Any], part: str) -> str:
+    why = _status(summary, part)
     if why:
         return why
-    res = summary["parts"]["tests"].get("result") or {}
+    res = summary["parts"][part].get("result") or {}
     failed = [t["name"] for t in res.get("tests", []) if t["outcome"] == "failed"]
+    skipped = sorted({t["message"] for t in res.get("tests", []) if t["outcome"] == "skipped" and t.get("message")})
     return (f"{res.get('passed', 0)} passed, {res.get('failed', 0)} failed, {res.get('skipped', 0)} skipped"
-            + (f" (failed: {', '.join(failed)})" if failed else ""))
+            + (f" (failed: {', '.join(failed)})" if failed else "") + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
 
 
 def readme_table(summary: dict[str, Any]) -> str:
     """The README's GPU table (| what | command | result |) from a `gpu_check` summary."""
     env = summary.get("environment", {})
     lines = ["| what | command | result |", "|---|---|---|",
-             f"| GPU tests (`-m gpu`) | {_cmd(summary, 'tests')} | {_tests_cell(summary)} |",
+             f"| GPU tests of TV-L1 (`-m gpu`) | {_cmd(summary, 'tests_flow')} | {_tests_cell(summary, 'tests_flow')} |",
+             f"| GPU tests of training, ONNX Runtime, flow stage | {_cmd(summary, 'tests_gpu')} | {_tests_cell(summary, 'tests_gpu')} |",
              f"| TV-L1, 320×240 | {_cmd(summary, 'flow_320x240')} | {_flow_cell(summary, 'flow_320x240')} |",
+             f"| TV-L1, 320×240, CUDA graphs | {_cmd(summary, 'flow_320x240_graphs')} | {_flow_cell(summary, 'flow_320x240_graphs')} |",
              f"| TV-L1, 112×112 | {_cmd(summary, 'flow_112x112')} | {_flow_cell(summary, 'flow_112x112')} |",
              f"| TV-L1 peak GPU memory per batch size, 320×240 | {_cmd(summary, 'flow_memory')} | {_memory_cell(summary)} |",
              f"| training, 8×56×56 clips | {_cmd(summary, 'train_8x56')} | {_train_cell(summary, 'train_8x56')} |",
