@@ -239,3 +239,28 @@ def test_make_session_providers(tmp_path: Path) -> None:
             make_session(path, providers=["cuda"])
     with pytest.raises(ValueError, match="has no TensorrtExecutionProvider"):
         make_session(path, providers=["TensorrtExecutionProvider"])
+
+
+def test_bench_flow_reference_subset_and_a_failing_mode() -> None:
+    """OpenCV (the process pool) solves the first pairs only; every row is compared on those; a compile
+    mode that cannot run here ("graphs" needs CUDA) is an error row, and the others still report."""
+    from vidistill.flow.bench import bench_flow
+
+    r = bench_flow(sizes=("48x40",), pairs=3, backends=("torch-cpu", "opencv-mp"), reference_pairs=2,
+                   compile_modes=("off", "graphs"), workers=2, nscales=2, warps=1)
+    rows = {(x["backend"], x["compile"]): x for x in r["rows"]}
+    assert r["reference"] == "opencv-mp" and rows["opencv-mp", None]["pairs"] == 2
+    eager = rows["torch-cpu", "off"]
+    assert eager["pairs"] == 3 and eager["path"] == "eager" and eager["epe_ratio"] <= 1.05 and eager["speedup"] > 0
+    assert eager["pixel_iterations_per_pair"] > 0 and eager["model_gb_s"] > 0
+    assert "needs a CUDA device" in rows["torch-cpu", "graphs"]["error"]
+    assert any("compile=graphs" in e for e in r["errors"])
+
+
+def test_bench_flow_refuses_bad_settings() -> None:
+    from vidistill.flow.bench import bench_flow
+
+    for kwargs, message in [({"sizes": ("320by240",)}, "WIDTHxHEIGHT"), ({"compile_modes": ("fast",)}, "compile_modes"),
+                            ({"batch_sizes": (-1,)}, "batch sizes"), ({"backends": ("cuda",)}, "unknown backends")]:
+        with pytest.raises(ValueError, match=message):
+            bench_flow(**kwargs)

@@ -293,6 +293,9 @@ def run_check(out: Path, *, profile: str = "full", budget: float = BUDGET_S, pyt
     summary: dict[str, Any] = {"profile": profile, "environment": environment(python) if probe else {},
                                "budget_s": budget, "parts": {}}
     start = time.perf_counter()  # the budget is the parts'
+    if summary["environment"].get("cv2_optflow") is False:
+        print("gpu-check: warning: this OpenCV has no optflow module (DualTVL1, the reference): install "
+              "opencv-contrib-python-headless, or carry .whl from `make gpu-check-wheels`", flush=True)
     parts = [p for p in (parts if parts is not None else plan(profile)) if not only or p.name in only]
     with tempfile.TemporaryDirectory(prefix="vidistill-gpu-check-") as tmp:
         for part in parts:
