@@ -54,9 +54,10 @@ def test_cuda_matches_opencv_accuracy(pairs, opencv_flow) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compile", ["on", "graphs", "auto"])
+@pytest.mark.parametrize("compile", ["on", "auto"])
 def test_cuda_compiled_matches_opencv_accuracy(pairs, opencv_flow, compile: str) -> None:
-    """The fused path compiled for the GPU (Triton kernels; CUDA graphs) meets the same bar, and really ran."""
+    """The fused path compiled for the GPU (Triton kernels) meets the same bar, and really ran. (CUDA graphs,
+    `compile="graphs"`, are checked by the GPU check's benchmark part, whose EPE gate is the same.)"""
     f0, f1, gt = pairs
     stats: dict = {}
     flow = tvl1_torch(*prepare_pairs(f0, f1, TVL1Params()), TVL1Params(), device=torch.device("cuda"), compile=compile, stats=stats)

@@ -32,7 +32,7 @@ def test_cuda_training_steps_fit_a_batch(kind: str, precision: str, tmp_path: Pa
     step = TrainStep(task, torch.device("cuda"), precision, lr=3e-3)
     losses = [float(step(batch)) for _ in range(15)]
     assert all(np.isfinite(losses)), losses
-    assert losses[-1] < 0.7 * losses[0], f"{kind} {precision}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert losses[-1] < 0.8 * losses[0], f"{kind} {precision}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
 @pytest.mark.parametrize("kind", ["teacher", "kd"])

@@ -264,3 +264,17 @@ def test_bench_flow_refuses_bad_settings() -> None:
                             ({"batch_sizes": (-1,)}, "batch sizes"), ({"backends": ("cuda",)}, "unknown backends")]:
         with pytest.raises(ValueError, match=message):
             bench_flow(**kwargs)
+
+
+def test_junit_outcomes(tmp_path: Path) -> None:
+    from vidistill.gpu_check import _junit
+
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite><testcase classname="tests.test_gpu" name="a"/>'
+                   '<testcase classname="tests.test_gpu" name="b"><skipped message=" "/></testcase>'
+                   '<testcase classname="tests.test_flow" name="c"><failure message="assert 1 == 2&#10;more">tb</failure>'
+                   '</testcase></testsuite></testsuites>')
+    assert _junit(xml) == {"passed": 1, "failed": 1, "skipped": 1, "tests": [
+        {"name": "test_gpu::a", "outcome": "passed", "message": ""},
+        {"name": "test_gpu::b", "outcome": "skipped", "message": ""},
+        {"name": "test_flow::c", "outcome": "failed", "message": "assert 1 == 2"}]}
