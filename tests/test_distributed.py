@@ -123,6 +123,17 @@ def test_gradients_are_synchronised_across_ranks(runs, launch):
     assert [r["checksum"] for r in ranks] == [saved, saved]
 
 
+def test_frozen_teachers_stay_out_of_ddp_and_checkpoints(runs):
+    """Each rank's teacher is built differently on purpose: DDP neither broadcasts it nor syncs its buffers,
+    and no checkpoint holds it (a resume rebuilds it, as a distiller reloads its teacher from its file)."""
+    for launch in ("partial", "resumed"):
+        ranks = runs[launch]["ranks"]
+        assert [r["teacher_at_end"] for r in ranks] == [r["teacher_at_start"] for r in ranks]
+        assert ranks[0]["teacher_at_start"] != ranks[1]["teacher_at_start"]
+        assert runs[launch]["state"] and not any(k.startswith("teachers.") for k in runs[launch]["state"])
+    assert "teacher_agreement" in runs["resumed"]["history"][-1]
+
+
 def test_only_rank_zero_writes_checkpoint_and_history(runs):
     for launch, epochs in (("partial", STOP), ("resumed", EPOCHS)):
         files = runs[launch]["files"]

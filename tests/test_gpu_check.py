@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vidistill import gpu_check
-from vidistill.bench import bench_overrides
+from vidistill.benchmarks import bench_overrides
 from vidistill.gpu_check import BUDGET_S, Part, plan, run_check, run_part
 from vidistill.gpu_report import readme_table, render_markdown
 

@@ -113,6 +113,10 @@ def _summarise_prep(s: dict[str, Any]) -> None:
         print(f"prep: {len(s['skipped'])} input(s) skipped:")
         for item in s["skipped"]:
             print(f"  - {item['file']}: {item['reason']}")
+    if s.get("notes"):
+        print(f"prep: {len(s['notes'])} file(s) used with fewer frames than declared or stored:")
+        for item in s["notes"]:
+            print(f"  - {item['file']}: {item['note']}")
 
 
 def cmd_flow(cfg: C.FlowConfig, args: argparse.Namespace) -> None:
@@ -229,12 +233,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batching", action="store_true", help="dynamic batching of concurrent requests")
     sub.add_parser("methods", help="list the registered distillation methods and their hyperparameters")
     bench = sub.add_parser("bench", help="benchmarks (numbers for the README)")
-    bench.add_argument("what", choices=["prep", "flow", "serve", "methods", "train", "ort"])
+    from vidistill.benchmarks import BENCHMARKS
+
+    bench.add_argument("what", choices=list(BENCHMARKS))
     bench.add_argument("--quick", action="store_true", help="fewer items, for a smoke run")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.add_argument("--set", action="append", metavar="NAME=VALUE",
-                       help="a setting of the benchmark, e.g. methods: seeds=3, videos_per_class=96, sd_lambdas=0,100")
+                       help="a setting of the benchmark, e.g. methods: seeds=3, videos_per_class=96, methods=none,d3d, "
+                            "sweep.d3d.lambda_=1,0.1 (every combination of a method's listed values)")
     return parser
+
+
+def _list_methods() -> None:
+    """`vidistill methods`: every registered method (plugins included) with its summary, hyperparameters
+    and defaults, the model files it needs and the student it trains."""
+    import dataclasses as dc
+
+    from vidistill.distill import get_method, list_methods
+
+    default_student = C.DistillConfig().student
+    for key in list_methods():
+        cls = get_method(key)
+        hp = {f.name: f.default for f in dc.fields(cls.Params)}
+        summary = cls.__doc__.strip().splitlines()[0] if cls.__doc__ else ""
+        needs = ", ".join(cls.needs) or "no teacher"
+        student = cls.student_preset or f"distill.student ({default_student})"
+        print(f"{key:6s} {summary}  {hp}  needs: {needs}; student: {student}")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -276,16 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             kw = {"max_body_mb": args.max_body_mb} if args.max_body_mb else {}
             serve(args.model, host=args.host, port=args.port, batching=args.batching, **kw)
         elif args.command == "methods":
-            import dataclasses as dc
-
-            from vidistill.distill import get_method, list_methods
-
-            for key in list_methods():
-                cls = get_method(key)
-                hp = {f.name: f.default for f in dc.fields(cls.Params)}
-                print(f"{key:6s} {cls.__doc__.strip().splitlines()[0] if cls.__doc__ else ''}  {hp}")
+            _list_methods()
         elif args.command == "bench":
-            from vidistill.bench import run_bench
+            from vidistill.benchmarks import run_bench
 
             results = run_bench(args.what, quick=args.quick, overrides=args.set)
             if args.json:
