@@ -82,7 +82,7 @@ def plan(profile: str = "full") -> list[Part]:
         Part("train_8x56", "train", {"device": "cuda", "batch_size": "64", "frames": "8", "size": "56",
                                      "steps": "20", "warmup": "5"}, 30),
         Part("train_16x112", "train", {"device": "cuda", "batch_size": "16", "frames": "16", "size": "112",
-                                       "steps": "10", "warmup": "3"}, 30),
+                                       "steps": "6", "warmup": "2"}, 30),
         Part("ort", "ort", {"batches": "1,8,32", "iters": "20", "warmup": "3"}, 45),
         Part("flow_112x112", "flow", {"sizes": "112x112", "pairs": "1400", **flow_ref, "reference_pairs": "64",
                                       "compile_modes": "off,on"}, 40),

@@ -28,8 +28,8 @@ def make_task(kind: str, *, teacher: str, student: str, num_classes: int, frames
     """The training task of a benchmark row, built as the pipeline builds it.
 
     Args:
-        kind: "teacher" (`Supervised` on the teacher preset) or a distillation method key (the
-            student preset wrapped by `create_distiller`; the files the method `needs` are fresh
+        kind: "teacher" (`Supervised` on the teacher preset) or a distillation method key (its student,
+            built as `vidistill distill` builds it, in the method's task; the files the method `needs` are fresh
             models saved under `workdir` with `save_model`: an RGB teacher of the `teacher` preset, a
             flow teacher and a pre-trained encoder of the `student` preset, as `bench methods` uses).
         teacher, student: model presets; num_classes, frames (T), size (H = W): the clips.
@@ -47,10 +47,11 @@ def make_task(kind: str, *, teacher: str, student: str, num_classes: int, frames
     shape = {"num_classes": num_classes, "frames": frames, "size": size}
     if kind == "teacher":
         return Supervised(create_model(teacher, **shape)), False
-    from vidistill.distill import DistillContext, create_distiller, get_method
+    from vidistill.distill import DistillContext, get_method, method_params
     from vidistill.train import save_model
 
     method = get_method(kind)
+    params = method_params(kind, None)  # the method's defaults (the papers' values)
     classes = [f"c{i}" for i in range(num_classes)]
     files: dict[str, str] = {}
     for need, (preset, modality) in {"teacher_rgb": (teacher, "rgb"), "teacher_flow": (student, "flow"),
@@ -60,7 +61,8 @@ def make_task(kind: str, *, teacher: str, student: str, num_classes: int, frames
             path = save_model(workdir / f"{need}.pt", create_model(preset, **kwargs), name=preset, kwargs=kwargs, classes=classes)
             files[need] = str(path)
     ctx = DistillContext(num_classes=num_classes, classes=classes, frames=frames, size=size, **files)
-    return create_distiller(kind, create_model(student, **shape), ctx), bool(method.needs_flow)
+    # as `vidistill distill` builds it: the method picks its student preset (`student` is the default)
+    return method(method.build_student(params, ctx, default=student), params, ctx), bool(method.needs_flow)
 
 
 def random_batch(batch_size: int, *, frames: int, size: int, num_classes: int, flow: bool, device: torch.device,
@@ -123,7 +125,7 @@ def _sync(device: torch.device) -> None:
 def bench_train(
     *,
     device: str = "auto",
-    methods: Sequence[str] = ("none", "kd"),
+    methods: Sequence[str] = (),
     teacher: str = "r2plus1d_teacher",
     student: str = "r2plus1d_student",
     precisions: Sequence[str] = ("fp32", "bf16", "fp16"),
@@ -139,7 +141,8 @@ def bench_train(
 
     Args:
         device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
-        methods: distillation method keys whose student step is timed (`vidistill methods`).
+        methods: distillation method keys whose student step is timed (default: every registered
+            one, `vidistill methods`).
         teacher, student: model presets.
         precisions: any of "fp32", "bf16", "fp16" (autocast; fp16 with loss scaling).
         batch_size: clips per step; frames (T), size (H = W), num_classes (K): the clips and head.
@@ -171,6 +174,9 @@ def bench_train(
     for preset in (teacher, student):
         if preset not in list_models():
             raise ValueError(f"bench_train: unknown model {preset!r}; choose one of: {', '.join(list_models())}")
+    from vidistill.distill import list_methods
+
+    methods = tuple(methods) or tuple(list_methods())
     for m in methods:
         get_method(m)  # ConfigError naming the valid keys
     dev = resolve_device(device)
@@ -186,6 +192,7 @@ def bench_train(
                 try:
                     torch.manual_seed(seed)
                     task, needs_flow = make_task(kind, teacher=teacher, student=student, workdir=Path(tmp), **shape)
+                    row["model"] = getattr(task.student, "create_kwargs", {}).get("name", row["model"])
                     batch = random_batch(batch_size, flow=needs_flow, device=dev, seed=seed, **shape)
                     step = TrainStep(task, dev, precision)
                     if dev.type == "cuda":
