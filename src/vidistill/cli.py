@@ -189,6 +189,19 @@ HELP = {
 }
 
 
+PLUGIN_GROUP = "vidistill.commands"
+
+
+def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands of installed plugins (entry-point group `vidistill.commands`; e.g. `pipeline` and `demo`
+    from the orchestration package). Each entry point is a function `register(subparsers)` whose
+    subparsers set a `handler(args) -> int`. The library itself imports no plugin."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        ep.load()(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidistill", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,24 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
         add_config_flags(p, cls)
-    demo = sub.add_parser("demo", help="the main job: the whole pipeline on synthetic data with kfp.local, then a summary")
-    demo.add_argument("--profile", default="demo", choices=["tiny", "demo", "large"])
-    demo.add_argument("--params", default="params.yaml")
-    demo.add_argument("--workdir", default=".", help="where data/, outputs/ and mlflow.db go")
-    pipe = sub.add_parser("pipeline", help="compile, run locally, or schedule the Kubeflow pipeline")
-    psub = pipe.add_subparsers(dest="action", required=True)
-    pc = psub.add_parser("compile", help="write the Kubeflow IR YAML (default pipelines/vidistill.yaml)")
-    pc.add_argument("--out", default=None)
-    pr = psub.add_parser("run", help="run the pipeline (--local: kfp.local.SubprocessRunner on this machine)")
-    pr.add_argument("--local", action="store_true", required=True)
-    pr.add_argument("--profile", default="demo", choices=["tiny", "demo", "large"])
-    pr.add_argument("--params", default="params.yaml")
-    pr.add_argument("--workdir", default=".")
-    ps = psub.add_parser("schedule", help="create a Kubeflow recurring run (6-field cron, one at a time, no catch-up)")
-    ps.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 2 * * *' = every day at 02:00")
-    ps.add_argument("--host", required=True, help="Kubeflow Pipelines API URL")
-    ps.add_argument("--params", default="params.yaml")
-    ps.add_argument("--job-name", default="vidistill-nightly")
+    add_plugin_commands(sub)  # `pipeline` and `demo` come from the orchestration package
     promote = sub.add_parser("promote", help="gate a registered version: champion if parity passed and top-1 beats the champion by --margin")
     promote.add_argument("--model-name", required=True)
     promote.add_argument("--version", required=True)
@@ -275,18 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             section, cls = STAGE_CONFIGS[args.command]
             cfg = build_config(args.section, cls, args)
             COMMANDS[args.command](cfg, args)
-        elif args.command == "demo" or args.command == "pipeline" and args.action == "run":
-            from vidistill.demo import run_demo
-
-            run_demo(profile=args.profile, params=args.params, workdir=Path(args.workdir))
-        elif args.command == "pipeline":
-            from pipelines import runner
-
-            if args.action == "compile":
-                print(f"compiled {runner.compile_pipeline(args.out or runner.COMPILED)}")
-            else:
-                r = runner.schedule(args.host, cron=args.cron, params_file=args.params, job_name=args.job_name)
-                print(f"recurring run {getattr(r, 'recurring_run_id', r)} created: {args.cron}")
+        elif getattr(args, "handler", None) is not None:  # a plugin's subcommand
+            return args.handler(args)
         elif args.command in ("promote", "rollback"):
             from vidistill.registry.models import promote, rollback
 
