@@ -284,7 +284,8 @@ def test_the_pool_is_the_train_split_and_a_test_video_in_it_is_refused(data, tmp
     assert len(fixed) == len(drawn) == len(pool) and fixed[5]["rgb"].shape == (3, S, S)
     torch.testing.assert_close(fixed[5]["rgb"], pool[5]["rgb"][:, 5 % T])
     torch.manual_seed(0)
-    shown = {next(t for t in range(T) if torch.equal(drawn[1]["rgb"], pool[1]["rgb"][:, t])) for _ in range(12)}
+    frames = [drawn[1]["rgb"] for _ in range(12)]  # one draw each
+    shown = {next(t for t in range(T) if torch.equal(f, pool[1]["rgb"][:, t])) for f in frames}
     assert len(shown) > 1  # a random frame at each access
     leaky = tmp_path / "leaky"
     shutil.copytree(data["clips"], leaky)
