@@ -332,6 +332,7 @@ def test_random_control_trains_kd_at_fixed_alpha_without_a_scoring_pass(teacher,
     history = fit(_task(teacher, r=0.25, selection="random", adaptive_alpha=False), Clips(), _cfg(2), tmp_path,
                   progress=False)
     assert [h["samples"] for h in history] == [4, 4]
+    assert not {"kd_scored", "alpha_selected"} & set(history[-1])  # nothing scored, α fixed
 
 
 def test_selection_size_is_round_r_n():

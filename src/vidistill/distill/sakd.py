@@ -413,10 +413,13 @@ class SAKD(Distiller):
         return self.selected if self.train_set is not None else None
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
-        """`beta` of the round, `alpha_selected` (mean α of the trained samples) and `kd_scored` (mean L̃ over N)."""
+        """`beta` of the round, and with a scoring pass `kd_scored` (mean L̃ over N) and, with adaptive α,
+        `alpha_selected` (mean α of the trained samples)."""
         if self.train_set is None:
             return {}
-        out = {"beta": self.beta(epoch), "kd_scored": float(self.kd_score.mean())}
+        out = {"beta": self.beta(epoch)}
+        if self.needs_scores:
+            out["kd_scored"] = float(self.kd_score.mean())
         if self.params.adaptive_alpha:
             out["alpha_selected"] = float(self.alpha[self.selected].mean())
         return out
