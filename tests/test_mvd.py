@@ -394,3 +394,80 @@ def test_masked_pretext_parameters_are_checked():
     cfg = TeachConfig(model="vit_video_tiny", pretext="mvd")
     cfg.validate()
     assert cfg.mask_ratio == 0.9 and TeachConfig(model="vit_image_tiny", pretext="mae").mask_ratio == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline's pre-training stages (Kubeflow component, called in-process on real artifacts; dvc.yaml)
+
+
+def test_the_pipeline_stage_is_a_marker_unless_a_method_of_the_fan_out_needs_the_encoder(data, tmp_path, monkeypatch):
+    """`method_pretrain_op`'s own function on real kfp artifacts: with no method that needs `mvd_encoder`
+    it writes only a marker (no training, no MLflow run); with `mvd` in the fan-out it trains the stage
+    (here the MAE image teacher, 1 epoch) and records its held-out loss."""
+    from kfp import dsl
+
+    from vidistill.distill import list_methods
+    from vidistill_pipeline.components import method_pretrain_op
+
+    fn = method_pretrain_op.python_func
+    others = [m for m in list_methods() if "mvd_encoder" not in get_method(m).needs]
+    params = {"image_teacher": {"model": "vit_image_tiny", "pretext": "mae",
+                                "train": {"epochs": 1, "batch_size": 8, "lr": 3e-3, "betas": [0.9, 0.95], "device": "cpu"}}}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def call(name, methods):
+        model = dsl.Model(name="model", uri=str(tmp_path / name / "model"))
+        metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / name / "metrics"))
+        fn(params=params, section="image_teacher", code_version="test", methods=methods, needed_for="mvd_encoder",
+           clips=dsl.Dataset(name="clips", uri=data["clips"], metadata={"data_hash": "h"}), model=model, metrics=metrics)
+        return model, metrics
+
+    model, metrics = call("skipped", others)
+    assert sorted(p.name for p in Path(model.path).iterdir()) == ["SKIPPED"] and model.metadata["skipped"] is True
+    assert json.loads(Path(metrics.path).read_text()) == {} and not (tmp_path / "mlflow.db").exists()
+
+    model, metrics = call("ran", [others[0], "mvd"])
+    _, info = load_model(Path(model.path) / "model.pt")
+    assert info["extra"]["pretext"] == "mae" and model.metadata["skipped"] is False and model.metadata["mlflow_run_id"]
+    scores = json.loads(Path(metrics.path).read_text())
+    assert scores["heldout_loss"] < scores["heldout_loss_init"] and model.metadata["pretext"] == "mae"
+
+
+def test_dvc_yaml_has_the_pre_training_stages_only_when_mvd_is_in_the_fan_out():
+    from vidistill.config import load_params
+    from vidistill_pipeline.dvc import build_dvc
+
+    root = Path(__file__).resolve().parents[1]
+    params = load_params(root / "params.yaml")
+    params["pipeline"]["methods"] = [m for m in params["pipeline"]["methods"] if m != "mvd"]
+    without = build_dvc(params, root)["stages"]
+    assert not [s for s in without if s.startswith("mvd_")]
+    params["pipeline"]["methods"].append("mvd")
+    stages = build_dvc(params, root)["stages"]
+    section = params["mvd_pretrain"]
+    image, video, student = (stages[f"mvd_{s}"] for s in ("image_teacher", "video_teacher", "student"))
+    assert image["cmd"].endswith("--section mvd_pretrain.image_teacher") and image["params"] == ["mvd_pretrain.image_teacher"]
+    assert f"{section['image_teacher']['out']}/model.pt" in image["outs"]
+    assert {section["student"]["image_teacher"], section["student"]["video_teacher"]} <= set(student["deps"])
+    assert f"{section['video_teacher']['out']}/model.pt" in video["outs"] and "src/vidistill/train" in student["deps"]
+    item = stages["distill"]["foreach"]["mvd"]
+    assert item["args"] == f" --mvd-encoder {params['distill']['mvd_encoder']}"
+    assert f"{section['student']['out']}/model.pt" == params["distill"]["mvd_encoder"]
+    assert params["distill"]["mvd_encoder"] in {v for k, v in item.items() if k.startswith("input")}
+
+
+@pytest.mark.parametrize("pretext", ["mae", "videomae"])
+def test_the_benchmarks_trivial_baseline_is_the_held_out_loss_of_a_decoder_that_predicts_zero(data, pretext):
+    from vidistill.benchmarks.mvd import zero_prediction_loss
+    from vidistill.train.pretext import build_masked_task
+
+    heldout = ClipDataset(data["clips"], "test")
+    kind = "vit_image_tiny" if pretext == "mae" else "vit_video_tiny"
+    task = build_masked_task(pretext, _vit(kind, 0), mask_ratio=0.75 if pretext == "mae" else 0.9,
+                             heldout=FrameClips(heldout, random_frame=False) if pretext == "mae" else heldout)
+    trained = task.heldout_loss()
+    with torch.no_grad():
+        task.decoder.head.weight.zero_()
+        task.decoder.head.bias.zero_()
+    zero = zero_prediction_loss(data["clips"], pretext, 0.75 if pretext == "mae" else 0.9)
+    assert task.heldout_loss() == pytest.approx(zero, rel=1e-5) and abs(trained - zero) > 1e-3

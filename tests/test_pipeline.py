@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PARAMS = load_params(ROOT / "params.yaml")
 METHODS = PARAMS["pipeline"]["methods"]
-GPU_EXECUTORS = {"exec-flow-op", "exec-teach-op", "exec-teach-op-2", "exec-teach-op-3", "exec-distill-op"}
+GPU_EXECUTORS = {"exec-flow-op", "exec-teach-op", "exec-teach-op-2", "exec-teach-op-3", "exec-distill-op",
+                 "exec-method-pretrain-op", "exec-method-pretrain-op-2", "exec-method-pretrain-op-3"}
 
 
 def _name(component) -> str:

@@ -101,8 +101,50 @@ def teach_op(params: dict, code_version: str, modality: str, clips: Input[Datase
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def method_pretrain_op(params: dict, section: str, code_version: str, methods: list, needed_for: str,
+                       clips: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+                       image_teacher: Input[Model] = None, video_teacher: Input[Model] = None):
+    """A pre-training stage that only some methods need (`vidistill.stages.teach` with `params[section]`,
+    e.g. a masked pretext): it runs when a method of `methods` needs the model file `needed_for` (a
+    `DistillContext` field, e.g. `mvd_encoder`) that the stage leads to, and otherwise does no work and
+    writes only a marker, so the fan-out stays "the methods parameter only".
+
+    `metrics`: the held-out masked-reconstruction loss (before and after training). `model.metadata`:
+    the same, `skipped`, the pretext and the MLflow run id.
+    """
+    import json
+    from pathlib import Path
+
+    from vidistill.distill import get_method
+
+    Path(model.path).mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    if not any(needed_for in get_method(m).needs for m in methods):
+        (Path(model.path) / "SKIPPED").write_text(f"no method of {list(methods)} needs {needed_for}\n")
+        Path(metrics.path).write_text("{}")
+        model.metadata.update({"skipped": True, "needed_for": needed_for})
+        return
+    from vidistill import stages
+
+    paths = {"clips": clips.path, "out": model.path}
+    for name, teacher in (("image_teacher", image_teacher), ("video_teacher", video_teacher)):
+        if teacher is not None:
+            paths[name] = str(Path(teacher.path) / "model.pt")
+    if section not in params:
+        raise ValueError(f"section {section!r} is missing from this stage's parameters ({sorted(params)}); add it to params.yaml")
+    result = stages.run("teach", params[section], **paths)
+    scores = {k: float(result[k]) for k in ("heldout_loss", "heldout_loss_init")}
+    for key, value in scores.items():
+        metrics.log_metric(key, value)
+    Path(metrics.path).write_text(json.dumps(scores))
+    model.metadata.update({**scores, "skipped": False, "needed_for": needed_for, "pretext": params[section].get("pretext", ""),
+                           "data_hash": clips.metadata.get("data_hash", "unknown"), "mlflow_run_id": result["run_id"]})
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def distill_op(params: dict, code_version: str, method: str, clips: Input[Dataset], flow: Input[Dataset],
                teacher_rgb: Input[Model], teacher_flow: Input[Model], pretrained: Input[Model],
+               mvd_encoder: Input[Model],
                student: Output[Model], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
     """Distil an RGB student with `method` (`vidistill.stages.distill`) and evaluate it.
 
@@ -117,7 +159,8 @@ def distill_op(params: dict, code_version: str, method: str, clips: Input[Datase
     result = stages.run("distill", params, method=method, clips=clips.path, flow=flow.path, out=student.path,
                         teacher_rgb=str(Path(teacher_rgb.path) / "model.pt"),
                         teacher_flow=str(Path(teacher_flow.path) / "model.pt"),
-                        pretrained=str(Path(pretrained.path) / "model.pt"))
+                        pretrained=str(Path(pretrained.path) / "model.pt"),
+                        mvd_encoder=str(Path(mvd_encoder.path) / "model.pt"))
     evaluation = json.loads((Path(student.path) / "eval" / "metrics.json").read_text())  # this task's own output
     scores = {k: float(evaluation[k]) for k in ("top1", "top5", "mAP")}
     for key, value in scores.items():
@@ -241,7 +284,9 @@ def register_op(params: dict, parent_run_id: str, onnx: Input[Model], model_name
 def track_stages_op(parent_run_id: str, clips: Input[Dataset], source_clips: Input[Dataset], flow: Input[Dataset],
                     teacher_rgb: Input[Model], teacher_flow: Input[Model], encoder: Input[Model],
                     two_stream: Input[Artifact], students: Input[List[Model]], onnx: Input[Model],
-                    report: Input[Markdown], page: Input[HTML], index: Output[Artifact]):
+                    report: Input[Markdown], page: Input[HTML], index: Output[Artifact],
+                    image_teacher: Input[Model] = None, video_teacher: Input[Model] = None,
+                    masked_student: Input[Model] = None):
     """Nest the stages' MLflow runs under the pipeline's parent run, attach the comparison report to it,
     and write `index` (JSON: every stage's artifact URI, metadata and MLflow run id), so a local run
     finds its outputs even where tasks were served from the cache."""
@@ -253,6 +298,9 @@ def track_stages_op(parent_run_id: str, clips: Input[Dataset], source_clips: Inp
     stages = {"prep": clips, "prep_source": source_clips, "flow": flow, "teach_rgb": teacher_rgb,
               "teach_flow": teacher_flow, "pretrain": encoder, "two_stream": two_stream, "export": onnx}
     stages.update({f"distill_{s.metadata['method']}": s for s in students})
+    stages.update({name: a for name, a in (("masked_image_teacher", image_teacher), ("masked_video_teacher", video_teacher),
+                                           ("masked_student", masked_student))
+                   if a is not None and not a.metadata.get("skipped")})  # method pre-training stages that ran
     entries = {name: {"uri": a.uri, "path": a.path, "metadata": dict(a.metadata)} for name, a in stages.items()}
     entries["report"] = {"uri": report.uri, "path": report.path}
     entries["page"] = {"uri": page.uri, "path": page.path}
@@ -283,5 +331,5 @@ def end_pipeline_run_op(job_id: str, status: dsl.PipelineTaskFinalStatus):
     end_pipeline_job(job_id, "FINISHED" if status.state == "SUCCEEDED" else "FAILED")
 
 
-COMPUTE = (prep_op, flow_op, teach_op, distill_op, evaluate_op, report_op, select_best_op, export_op)
+COMPUTE = (prep_op, flow_op, teach_op, method_pretrain_op, distill_op, evaluate_op, report_op, select_best_op, export_op)
 SIDE_EFFECTS = (register_op, track_stages_op, start_pipeline_run_op, end_pipeline_run_op)

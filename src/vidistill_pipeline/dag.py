@@ -2,7 +2,9 @@
 
     prep(target) ──> flow ──> teach(flow) ──┐
         │    └─────────────> teach(rgb) ────┼──> ParallelFor(methods): distill ──> report ──> select best
-    prep(source) ──> teach(source encoder) ─┘                                              └─> export ──If(parity)──> register/promote
+    prep(source) ──> teach(source encoder) ─┤                                              └─> export ──If(parity)──> register/promote
+    prep(target) ──> masked image teacher ──┬─> masked video distillation (mvd_encoder) ──┘
+                 └─> masked video teacher ──┘   (each a marker only, when no method of `methods` needs mvd_encoder)
                                    teach(rgb) + teach(flow) ──> evaluate (two-stream baseline) ──> report
                                                          every stage's MLflow run ──> track-stages (nests them under the parent run)
 
@@ -33,6 +35,7 @@ from vidistill_pipeline.components import (
     evaluate_op,
     export_op,
     flow_op,
+    method_pretrain_op,
     prep_op,
     register_op,
     report_op,
@@ -115,6 +118,7 @@ def vidistill_dag(
     model_name: str,
     promotion_margin: float,
     code_version: str,
+    mvd_pretrain_params: dict,
 ):
     """The stage graph. Compute tasks get `code_version`, side effects `parent_run_id`."""
     code = code_version
@@ -128,6 +132,17 @@ def vidistill_dag(
                                 flow=flow.outputs["flow"]), gpu=True).set_display_name("teach-flow")
     encoder = compute(teach_op(params=pretrain_params, code_version=code, modality="rgb", clips=src.outputs["clips"]),
                       gpu=True).set_display_name("pretrain-encoder")
+    # masked video distillation's pre-training (MAE image teacher, VideoMAE video teacher, MVD student): run only
+    # when a method of `methods` needs the `mvd_encoder` they lead to; otherwise each writes a marker and stops
+    masked = {"params": mvd_pretrain_params, "code_version": code, "methods": methods, "needed_for": "mvd_encoder",
+              "clips": prep.outputs["clips"]}
+    image_teacher = compute(method_pretrain_op(section="image_teacher", **masked), gpu=True)
+    image_teacher.set_display_name("masked-image-teacher")
+    video_teacher = compute(method_pretrain_op(section="video_teacher", **masked), gpu=True)
+    video_teacher.set_display_name("masked-video-teacher")
+    masked_student = compute(method_pretrain_op(section="student", image_teacher=image_teacher.outputs["model"],
+                                                video_teacher=video_teacher.outputs["model"], **masked), gpu=True)
+    masked_student.set_display_name("masked-video-distillation")
     two_stream = compute(evaluate_op(params=evaluate_params, code_version=code, clips=prep.outputs["clips"],
                                      flow=flow.outputs["flow"], rgb=rgb.outputs["model"],
                                      flow_model=temporal.outputs["model"])).set_display_name("two-stream")
@@ -135,7 +150,8 @@ def vidistill_dag(
         student = compute(distill_op(params=distill_params, code_version=code, method=method,
                                      clips=prep.outputs["clips"], flow=flow.outputs["flow"],
                                      teacher_rgb=rgb.outputs["model"], teacher_flow=temporal.outputs["model"],
-                                     pretrained=encoder.outputs["model"]), gpu=True)
+                                     pretrained=encoder.outputs["model"], mvd_encoder=masked_student.outputs["model"]),
+                          gpu=True)
         student.set_display_name("distill")
     # a Collected channel may be consumed once (kfp 2.17's compiler fails on a reused one): one per consumer
     report = compute(report_op(students=dsl.Collected(student.outputs["student"]),
@@ -148,13 +164,15 @@ def vidistill_dag(
                                 teacher_flow=temporal.outputs["model"], encoder=encoder.outputs["model"],
                                 two_stream=two_stream.outputs["report"],
                                 students=dsl.Collected(student.outputs["student"]), onnx=exported.outputs["onnx"],
-                                report=report.outputs["report"], page=report.outputs["page"])).set_display_name("track-stages")
+                                report=report.outputs["report"], page=report.outputs["page"],
+                                image_teacher=image_teacher.outputs["model"], video_teacher=video_teacher.outputs["model"],
+                                masked_student=masked_student.outputs["model"])).set_display_name("track-stages")
     with dsl.If(exported.outputs["Output"] == True, name="parity-passed"):  # noqa: E712 - kfp condition syntax
         side_effect(register_op(params=register_params, parent_run_id=parent_run_id, onnx=exported.outputs["onnx"],
                                 model_name=model_name, margin=promotion_margin)).set_display_name("register-promote")
 
 
-STAGE_SECTIONS = ("prep", "flow", "teach", "pretrain", "distill", "evaluate", "export", "register")
+STAGE_SECTIONS = ("prep", "flow", "teach", "pretrain", "distill", "evaluate", "export", "register", "mvd_pretrain")
 PIPELINE_KEYS = ("methods", "model_name", "promotion_margin", "run_name")
 
 
@@ -212,6 +230,7 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         evaluate_params: dict,
         export_params: dict,
         register_params: dict,
+        mvd_pretrain_params: dict,
         methods: list = default_methods,
         model_name: str = default_model,
         promotion_margin: float = default_margin,
@@ -231,6 +250,7 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
                           flow_params=flow_params, teach_params=teach_params, pretrain_params=pretrain_params,
                           distill_params=distill_params, evaluate_params=evaluate_params, export_params=export_params,
                           register_params=register_params, methods=methods, model_name=model_name,
-                          promotion_margin=promotion_margin, code_version=code_version).set_display_name("vidistill-dag")
+                          promotion_margin=promotion_margin, code_version=code_version,
+                          mvd_pretrain_params=mvd_pretrain_params).set_display_name("vidistill-dag")
 
     return vidistill_pipeline

@@ -161,7 +161,24 @@ def _distill_inputs(params: dict[str, Any]) -> dict[str, str]:
     cfg = from_dict(DistillConfig, params.get("distill") or {}, where="distill.")
     pretrain_out = (params.get("pretrain") or {}).get("out", "runs/pretrain")
     return {"teacher_rgb": cfg.teacher_rgb, "teacher_flow": cfg.teacher_flow, "pretrained": f"{pretrain_out}/model.pt",
-            "flow": cfg.flow, "clips": cfg.clips}
+            "mvd_encoder": cfg.mvd_encoder, "flow": cfg.flow, "clips": cfg.clips}
+
+
+def _masked_pretrain_stages(params: dict[str, Any], methods: list[str], clips: str, teacher: Any) -> dict[str, Any]:
+    """Masked video distillation's pre-training stages (params.yaml `mvd_pretrain`: MAE image teacher, VideoMAE video
+    teacher, MVD student), generated only when a method of `methods` needs the `mvd_encoder` they lead to."""
+    from vidistill.distill import get_method
+
+    if not any("mvd_encoder" in get_method(m).needs for m in methods):
+        return {}
+    sections = params.get("mvd_pretrain") or {}
+    out = {s: (sections.get(s) or {}).get("out", f"runs/mvd/{s}") for s in ("image_teacher", "video_teacher", "student")}
+    student = sections.get("student") or {}
+    teachers = [student.get("image_teacher", f"{out['image_teacher']}/model.pt"),
+                student.get("video_teacher", f"{out['video_teacher']}/model.pt")]
+    return {f"mvd_{s}": teacher(f"vidistill teach --quiet --section mvd_pretrain.{s}", out[s],
+                                [clips, *(teachers if s == "student" else [])], f"mvd_pretrain.{s}", plots=False)
+            for s in ("image_teacher", "video_teacher", "student")}
 
 
 def _flag(field_name: str) -> str:
@@ -213,6 +230,7 @@ def build_dvc(params: dict[str, Any], root: Path) -> dict[str, Any]:
                        "deps": code["evaluate"] + ["runs/teacher_rgb/model.pt", "runs/teacher_flow/model.pt", clips, flow_out],
                        "params": ["evaluate"], "metrics": [{"runs/two_stream/metrics.json": uncached}]},
     }
+    stages.update(_masked_pretrain_stages(params, methods, clips, teacher))
     made = {o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s.get("outs", [])}
 
     paths = _distill_inputs(params)

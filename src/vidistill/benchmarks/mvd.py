@@ -90,6 +90,41 @@ def _prepare(work: Path, videos_per_class: int, labelled_per_class: int) -> dict
     return {"pool": prep.out, "labelled": labelled}
 
 
+def zero_prediction_loss(pool: str, pretext: str, mask_ratio: float) -> float:
+    """The held-out loss of MAE/VideoMAE's trivial solution: predicting 0, the per-patch mean, for every
+    masked patch (the same held-out items and fixed masks as `heldout_loss`).
+
+    A pretext whose `heldout_loss` stays at this value has learnt nothing about the content of a patch.
+    It is below 1 where the normalisation divides by more than the patch's biased standard deviation
+    (VideoMAE's unbiased one: (n - 1) / n with n = 2·8·8 pixels per channel) and where patches are flat.
+
+    Args:
+        pool: a prep output (its test split is the held-out set).
+        pretext: `mae` (frame `i % T` of each test clip, random masks) or `videomae` (tube masks).
+        mask_ratio: the masked fraction.
+    """
+    import torch
+
+    from vidistill.data import ClipDataset
+    from vidistill.data.pool import FrameClips
+    from vidistill.models import create_model
+    from vidistill.train.loop import scan
+    from vidistill.train.pretext import HELDOUT_SEED, MaskedPixels, at_masked, pixel_targets
+
+    heldout = ClipDataset(pool, "test")
+    model = "vit_video_tiny" if pretext == "videomae" else "vit_image_tiny"
+    task = MaskedPixels(create_model(model, num_classes=heldout.num_classes, frames=heldout.frames, size=heldout.size),
+                        mask_ratio=mask_ratio)  # only for its masks and patch size
+    items = FrameClips(heldout, random_frame=False) if pretext == "mae" else heldout
+    gen, total, count = torch.Generator().manual_seed(HELDOUT_SEED), 0.0, 0
+    for batch in scan(items, batch_size=64, device=torch.device("cpu")):
+        x = batch["rgb"]
+        target = at_masked(pixel_targets(x, task.patch), task.make_mask(x.shape[0], generator=gen))
+        total += float(target.pow(2).mean()) * x.shape[0]
+        count += x.shape[0]
+    return total / count
+
+
 def _key(**settings: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -228,8 +263,11 @@ def bench_mvd(*, work: str | Path = "outputs/bench_mvd", seeds: int = 3, videos_
 
     table = aggregate([{k: v for k, v in r.items() if k != "arm"} for r in rows])
     top1 = {r["arm"]: float(np.mean([x["top1"] for x in rows if x["arm"] == r["arm"]])) for r in rows}
+    zero = {p: zero_prediction_loss(paths["pool"], p, pre.mask[p]) for p in ("mae", "videomae")
+            if any(s["settings"]["pretext"] == p for s in pre.log.values())}
     result: dict[str, Any] = {
         "rows": table, "per_seed": rows, "claims": claims(top1), "pretraining": pre.log,
+        "heldout_loss_zero_prediction": zero,
         "markdown": markdown_table(table, extra_columns=("pretrain_seconds", "finetune_seconds")),
         "seconds": time.perf_counter() - t0,
         "settings": {"seeds": seeds, "videos_per_class": videos_per_class, "labelled_per_class": labelled_per_class,
