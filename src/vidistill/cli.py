@@ -215,12 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(p, cls)
     add_plugin_commands(sub)  # `pipeline` and `demo` come from the orchestration package
     promote = sub.add_parser("promote", help="gate a registered version: champion if parity passed and top-1 beats the champion by --margin")
-    promote.add_argument("--model-name", required=True)
-    promote.add_argument("--version", required=True)
-    promote.add_argument("--margin", type=float, default=0.0)
+    promote.add_argument("--model-name", required=True, help="registered model name (register.model_name)")
+    promote.add_argument("--version", required=True, help="the registered version to gate")
+    promote.add_argument("--margin", type=float, default=0.0,
+                         help="top-1 the version must gain over the champion to replace it (default 0.0)")
     rollback = sub.add_parser("rollback", help="move the champion alias back to --version or the previous champion")
-    rollback.add_argument("--model-name", required=True)
-    rollback.add_argument("--version", default=None)
+    rollback.add_argument("--model-name", required=True, help="registered model name (register.model_name)")
+    rollback.add_argument("--version", default=None, help="version to make champion (default: the previous champion)")
     serve = sub.add_parser("serve", help="serve an ONNX student with ONNX Runtime: KServe v2 over REST (JSON, binary) and gRPC, video upload, metrics")
     from vidistill.serve.options import add_serve_arguments
 
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (numbers for the README)")
     from vidistill.benchmarks import BENCHMARKS
 
-    bench.add_argument("what", choices=list(BENCHMARKS))
+    bench.add_argument("what", choices=list(BENCHMARKS), help="which benchmark: " + ", ".join(BENCHMARKS))
     bench.add_argument("--quick", action="store_true", help="fewer items, for a smoke run")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.add_argument("--set", action="append", metavar="NAME=VALUE",

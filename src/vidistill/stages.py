@@ -303,11 +303,13 @@ STAGES: dict[str, tuple[type, Any]] = {
 }
 
 
-def run(stage: str, params: dict[str, Any] | None = None, *, parent_run_id: str = "", **overrides: Any) -> dict[str, Any]:
+def run(stage: str, params: dict[str, Any] | None = None, *, parent_run_id: str = "", progress: bool = False,
+        **overrides: Any) -> dict[str, Any]:
     """Run `stage` from a params.yaml section plus dotted overrides (e.g. paths chosen by an orchestrator).
 
     Example: `run("distill", params["distill"], method="d3d", out="/mnt/out", **{"train.epochs": 2})`.
     `parent_run_id` nests the stage's MLflow run under a pipeline run.
+    `progress` shows the stage's progress bars (off by default: an orchestrator logs its tasks' output).
     """
     import copy
     import inspect
@@ -326,5 +328,5 @@ def run(stage: str, params: dict[str, Any] | None = None, *, parent_run_id: str 
     for key, value in overrides.items():
         set_dotted(data, key, value)
     cfg = from_dict(cls, data, where=f"{stage}.")
-    kwargs = {"progress": False} if "progress" in inspect.signature(fn).parameters else {}
+    kwargs = {"progress": progress} if "progress" in inspect.signature(fn).parameters else {}
     return fn(cfg, **kwargs)
