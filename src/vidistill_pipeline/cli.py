@@ -99,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
             print(f"full log: {task.log}", file=sys.stderr)
+            if task.error():
+                print(f"error: {task.error()}", file=sys.stderr)
         print(f"vidistill {args.command}: the pipeline failed at {', '.join(t.label for t in exc.tasks)}", file=sys.stderr)
         return 1
     return 0

@@ -40,6 +40,7 @@ from rich.markup import escape
 
 TAIL_LINES = 30  # lines of a failed task's log shown on the console
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_EXCEPTION = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*:")
 
 
 @dataclass
@@ -56,11 +57,21 @@ class TaskRecord:
     outputs: dict[str, Any] = field(default_factory=dict)
 
     def tail(self, n: int = TAIL_LINES) -> list[str]:
-        """The last `n` lines of the task's log."""
+        """The last `n` lines of the task's log that say something (trailing blank and rule lines dropped)."""
         if not self.log.exists():
             return []
         with self.log.open(errors="replace") as fh:
-            return [line.rstrip("\n") for line in deque(fh, maxlen=n)]
+            lines = [line.rstrip() for line in fh]
+        while lines and not lines[-1].strip(" -"):
+            lines.pop()
+        return lines[-n:]
+
+    def error(self) -> str:
+        """The last exception line of the task's log (`module.SomeError: message`), or ""."""
+        for line in reversed(self.tail(200)):
+            if _EXCEPTION.match(line):
+                return line.strip()
+        return ""
 
 
 class _Router(io.TextIOBase):

@@ -238,7 +238,8 @@ def task_summary(label: str, outputs: dict[str, Any]) -> str:
     for name, value in outputs.items():
         meta = dict(getattr(value, "metadata", None) or {})
         if name == "clips" and "clips" in meta:  # kfp keeps metadata numbers as floats
-            parts.append(" / ".join(f"{int(n)} {s}" for s, n in meta["clips"].items()) +
+            splits = sorted(meta["clips"].items(), key=lambda kv: (kv[0] != "train", kv[0]))  # train first
+            parts.append(" / ".join(f"{int(n)} {s}" for s, n in splits) +
                          f" clips, {int(meta.get('skipped', 0))} input(s) skipped")
         elif name == "flow" and "pairs" in meta:
             parts.append(f"{int(meta['pairs'])} frame pairs, {meta.get('pairs_per_s', 0):.1f} pairs/s, "
