@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vidistill.config import ConfigError, load_params, set_dotted
+from vidistill.config import ConfigError, load_params, set_dotted, validate_pipeline_params
 
 COMPILED = Path("pipeline.yaml")  # relative to the working directory, beside params.yaml and dvc.yaml
 
@@ -63,12 +63,17 @@ def compile_pipeline(path: str | Path = COMPILED, *, params_file: str | Path = "
 
 def resolve_params(params_file: str | Path = "params.yaml", *, profile: str = "demo", workdir: str | Path = ".",
                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """params.yaml + profile + overrides, with every relative data/run path made absolute under `workdir`."""
+    """params.yaml + profile + overrides, with every relative data/run path made absolute under `workdir`.
+
+    Every value the pipeline reads is checked first (`validate_pipeline_params`), so a mistake is
+    refused in one line before any task (or MLflow run) starts.
+    """
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     params = copy.deepcopy(load_params(params_file))
     for key, value in {**PROFILES[profile], **(overrides or {})}.items():
         set_dotted(params, key, value)
+    params = validate_pipeline_params(params)
     root = Path(workdir).resolve()
 
     def absolute(d: Any) -> Any:
