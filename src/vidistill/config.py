@@ -59,7 +59,12 @@ def validate_model_name(name: str, key: str = "model_name") -> str:
         raise ConfigError(f"{key} must be a non-empty registered-model name, got {name!r}")
     if not MODEL_NAME.fullmatch(name):
         bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "._-"))})
-        what = f"character(s) {' '.join(repr(c) for c in bad)}" if bad else "a first character other than a letter or digit"
+        if bad:
+            what = f"character(s) {' '.join(repr(c) for c in bad)}"
+        elif len(name) > 255:
+            what = f"{len(name)} characters"
+        else:
+            what = "a first character other than a letter or digit"
         raise ConfigError(f"{key} {name!r} has {what}; a registered-model name must work in every models:/ URI form "
                           "(models:/NAME@ALIAS, models:/NAME/VERSION): use letters, digits, '.', '_' and '-', starting "
                           "with a letter or digit, at most 255 characters")
