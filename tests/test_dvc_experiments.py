@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers_runs import ROOT, env, epochs_logged, wait_for, write_params
+from helpers_runs import BIN, ROOT, env, epochs_logged, wait_for, write_params
 
 from vidistill_pipeline.dvc import build_dvc
 
@@ -30,8 +31,6 @@ def _env() -> dict[str, str]:
 
 
 def _sh(cwd: Path, *args: str, timeout: float = 600) -> str:
-    from helpers_runs import BIN
-
     exe = [str(BIN / args[0])] if args[0] == "dvc" else [args[0]]
     done = subprocess.run(exe + list(args[1:]), cwd=cwd, capture_output=True, text=True, env=_env(), timeout=timeout)
     assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -114,10 +113,6 @@ def test_a_killed_dvc_repro_resumes_from_its_checkpoint(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["teach"]["train"].update(epochs=12, lr=0.05)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    from helpers_runs import BIN
-
-    import shutil
-
     shutil.rmtree(repo / TEACHER, ignore_errors=True)  # the applied experiment's history must not count as this run's epochs
     log = repo / "repro1.log"
     with log.open("wb") as fh:
