@@ -23,12 +23,12 @@ registered model's name and the promotion margin are `register.model_name` and `
 (`register_params`), one key each.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from kfp import dsl, kubernetes
 
+from vidistill.config import ClusterConfig
 from vidistill_pipeline.components import (
     TAG,
     distill_op,
@@ -71,9 +71,10 @@ GPU_POOLS: dict[str, GpuPool] = {
     "eks": GpuPool(node_label="karpenter.k8s.aws/instance-gpu-name", node_value="l4", taint_key="nvidia.com/gpu",
                    taint_value="true"),
 }
-DATA_PVC = os.environ.get("VIDISTILL_DATA_PVC", "vidistill-data")
-MLFLOW_SECRET = os.environ.get("VIDISTILL_MLFLOW_SECRET", "vidistill-mlflow")
-POOL = GPU_POOLS[os.environ.get("VIDISTILL_GPU_POOL", "gke")]
+# VIDISTILL_GPU_POOL, VIDISTILL_DATA_PVC, VIDISTILL_MLFLOW_SECRET; an unknown pool or a name Kubernetes
+# would refuse stops here in one line (vidistill.config.ClusterConfig), not at submission
+_CLUSTER = ClusterConfig.from_env()
+DATA_PVC, MLFLOW_SECRET, POOL = _CLUSTER.data_pvc, _CLUSTER.mlflow_secret, GPU_POOLS[_CLUSTER.gpu_pool]
 
 
 def _cluster(task: dsl.PipelineTask, *, cache: bool, gpu: bool = False) -> dsl.PipelineTask:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vidistill.config import ConfigError, load_params, set_dotted
+from vidistill.config import ConfigError, load_params, set_dotted, validate_pipeline_params
 
 COMPILED = Path("pipeline.yaml")  # relative to the working directory, beside params.yaml and dvc.yaml
 
@@ -99,7 +99,7 @@ def _section(params: dict[str, Any], dotted: str) -> Any:
 
 def resolve_params(params_file: str | Path = "params.yaml", *, profile: str = "demo", workdir: str | Path = ".",
                    overrides: dict[str, Any] | None = None, absolute: bool = True) -> dict[str, Any]:
-    """params.yaml + profile + overrides (`--set`), checked (`check_params`) before anything runs.
+    """params.yaml + profile + overrides (`--set`), checked (`vidistill.config.validate_pipeline_params`) before anything runs.
 
     With `absolute` (a local run), every relative `data/...` and `runs/...` path is made absolute under
     `workdir`, and a prep section's other relative `root` (a folder the user named) under the current
@@ -139,63 +139,7 @@ def resolve_params(params_file: str | Path = "params.yaml", *, profile: str = "d
                 section["root"] = str(Path(section["root"]).expanduser().resolve())
                 if isinstance(section.get("synth"), dict) and f"{name}.synth.out" not in overrides:
                     section["synth"]["out"] = section["root"]
-    check_params(params)
-    return params
-
-
-def check_params(params: dict[str, Any]) -> None:
-    """Refuse, before any work, what a task of the pipeline would refuse later: every section is built
-    into its stage's config dataclass and validated, as each task will (`vidistill.stages.run`).
-
-    Checked: `prep` and `pipeline.source_prep` (PrepConfig), `flow`, `teach` (both modalities), `pretrain`
-    (TeachConfig), `distill` once per method of `pipeline.methods`, `evaluate`, `export`, `register`; no
-    unknown section or `pipeline` key.
-
-    Raises:
-        ConfigError: the first problem, naming the key and what to do.
-    """
-    from vidistill import config as C
-    from vidistill.distill import list_methods
-
-    from vidistill_pipeline.dag import PIPELINE_KEYS, STAGE_SECTIONS
-
-    unknown = sorted(set(params) - {*STAGE_SECTIONS, "pipeline"})
-    if unknown:
-        raise ConfigError(f"unknown params.yaml section(s) {', '.join(unknown)}; sections: "
-                          f"{', '.join((*STAGE_SECTIONS, 'pipeline'))}")
-    pipe = params.get("pipeline") or {}
-    if not isinstance(pipe, dict):
-        raise ConfigError(f"params.yaml pipeline must be a mapping, got {pipe!r}")
-    bad = sorted(set(pipe) - {*PIPELINE_KEYS, "source_prep"})
-    if bad:
-        moved = {"model_name": "register.model_name", "promotion_margin": "register.margin"}
-        hint = "; ".join(f"pipeline.{k} is now {moved[k]}" for k in bad if k in moved)
-        raise ConfigError(f"unknown key(s) {', '.join('pipeline.' + k for k in bad)}; valid: "
-                          f"{', '.join(sorted((*PIPELINE_KEYS, 'source_prep')))}" + (f" ({hint})" if hint else ""))
-    methods = pipe.get("methods", list_methods())
-    if not isinstance(methods, list) or not methods or any(m not in list_methods() for m in methods):
-        raise ConfigError(f"pipeline.methods must be a non-empty list of registered methods, got {methods!r}; "
-                          f"registered: {', '.join(list_methods())}")
-
-    def build(where: str, cls: type, data: Any, **fixed: Any) -> None:
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"params.yaml {where} must be a mapping, got {data!r}")
-        data = copy.deepcopy(data or {})
-        for key, value in fixed.items():
-            set_dotted(data, key, value)
-        C.from_dict(cls, data, where=f"{where}.").validate()
-
-    build("prep", C.PrepConfig, params.get("prep"))
-    build("pipeline.source_prep", C.PrepConfig, pipe.get("source_prep"))
-    build("flow", C.FlowConfig, params.get("flow"))
-    for modality in ("rgb", "flow"):
-        build("teach", C.TeachConfig, params.get("teach"), modality=modality)
-    build("pretrain", C.TeachConfig, params.get("pretrain"), modality="rgb")
-    for method in methods:
-        build("distill", C.DistillConfig, params.get("distill"), method=method)
-    build("evaluate", C.EvaluateConfig, params.get("evaluate"))
-    build("export", C.ExportConfig, params.get("export"))
-    build("register", C.RegisterConfig, params.get("register"))
+    return validate_pipeline_params(params)
 
 
 @contextmanager
