@@ -147,12 +147,16 @@ def test_outputs_are_typed(ir):
                   for name, c in spec["components"].items() if "executorLabel" in c}
     assert params_out.pop("comp-export-op") == {"Output"}
     assert params_out.pop("comp-register-op") == {"Output"} and params_out.pop("comp-start-pipeline-run-op") == {"Output"}
+    assert params_out.pop("comp-not-registered-op") == {"Output"}  # the registration outcome (JSON) for the report
     assert not any(params_out.values()), params_out
     artifacts = spec["components"]["comp-distill-op"]["outputDefinitions"]["artifacts"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in artifacts.items()} == {
         "student": "system.Model", "metrics": "system.Metrics", "confusion": "system.ClassificationMetrics"}
     report_in = spec["components"]["comp-report-op"]["inputDefinitions"]["artifacts"]
-    assert report_in["students"]["isArtifactList"] and report_in["two_stream"]["artifactType"]["schemaTitle"] == "system.Metrics"
+    assert report_in["students"]["isArtifactList"] and report_in["two_stream"]["artifactType"]["schemaTitle"] == "system.Artifact"
+    published = spec["components"]["comp-publish-report-op"]["outputDefinitions"]["artifacts"]
+    assert {k: v["artifactType"]["schemaTitle"] for k, v in published.items()} == {  # what the Kubeflow UI shows
+        "report": "system.Markdown", "page": "system.HTML"}
 
 
 def test_images_are_ours(ir):
@@ -162,11 +166,19 @@ def test_images_are_ours(ir):
 
 
 def test_parity_gate_guards_registration(ir):
+    """Registration runs only when parity passed (dsl.If); otherwise (dsl.Else) the outcome says why, and the
+    report is published with whichever outcome ran (dsl.OneOf)."""
     spec, _, _ = ir
-    cond = [c for n, c in spec["components"].items() if n.startswith("comp-condition")]
-    assert len(cond) == 1 and [t["componentRef"]["name"] for t in cond[0]["dag"]["tasks"].values()] == ["comp-register-op"]
-    cond_task = next(t for t in _all_tasks(spec).values() if t.get("triggerPolicy", {}).get("condition"))
-    assert "export-op" in cond_task["triggerPolicy"]["condition"] and "== true" in cond_task["triggerPolicy"]["condition"]
+    cond = {n: [t["componentRef"]["name"] for t in c["dag"]["tasks"].values()]
+            for n, c in spec["components"].items() if n.startswith("comp-condition") and "branches" not in n}
+    assert sorted(cond.values()) == [["comp-not-registered-op"], ["comp-register-op"]], cond
+    conditions = {t["componentRef"]["name"]: t["triggerPolicy"]["condition"] for t in _all_tasks(spec).values()
+                  if t.get("triggerPolicy", {}).get("condition")}
+    passed = next(c for n, c in conditions.items() if cond.get(n) == ["comp-register-op"])
+    failed = next(c for n, c in conditions.items() if cond.get(n) == ["comp-not-registered-op"])
+    assert "export-op" in passed and "== true" in passed and failed.startswith("!(") and "== true" in failed
+    publish = next(t for t in _all_tasks(spec).values() if t["componentRef"]["name"] == "comp-publish-report-op")
+    assert "decision" in publish["inputs"]["parameters"]
 
 
 def test_exit_handler_closes_the_mlflow_run(ir):

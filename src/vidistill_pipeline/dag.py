@@ -1,11 +1,12 @@
 """The vidistill Kubeflow pipeline: prep -> flow -> teachers -> distill[methods] -> report -> export -> register.
 
     prep(target) ──> flow ──> teach(flow) ──┐
-        │    └─────────────> teach(rgb) ────┼──> ParallelFor(methods): distill ──> report ──> select best
+        │    └─────────────> teach(rgb) ────┼──> ParallelFor(methods): distill ──> comparison ──> select best
     prep(source) ──> teach(source encoder) ─┤                                              └─> export ──If(parity)──> register/promote
     prep(target) ──> masked image teacher ──┬─> masked video distillation (mvd_encoder) ──┘
                  └─> masked video teacher ──┘   (each a marker only, when no method of `methods` needs mvd_encoder)
-                                   teach(rgb) + teach(flow) ──> evaluate (two-stream baseline) ──> report
+                                   teach(rgb) + teach(flow) ──> evaluate (two-stream baseline) ──> comparison    └Else──> not registered
+                                    comparison + the registration decision (OneOf) ──> publish report (Markdown, HTML, MLflow)
                                                          every stage's MLflow run ──> track-stages (nests them under the parent run)
 
 GPU-heavy tasks (flow, teach, distill) request `nvidia.com/gpu`, a node selector and a toleration for
@@ -13,21 +14,23 @@ the cluster's GPU node pool (`GpuPool`: GKE, AKS and EKS/Karpenter label keys); 
 data PVC and reads the MLflow URI and credentials from a Kubernetes Secret. All of these are ignored by
 `kfp.local` and present in the compiled IR YAML.
 
-Caching: compute tasks (prep, flow, teachers, students, evaluation, report, selection, export) are
+Caching: compute tasks (prep, flow, teachers, students, evaluation, comparison, selection, export) are
 cached; their cache key holds their parameters, upstream artifacts, image and `code_version`. Side
-effects (the MLflow parent run, nesting the stage runs, registration and promotion) are never cached.
+effects (the MLflow parent run, nesting the stage runs, registration and promotion, publishing the
+report to MLflow) are never cached.
 
-The default fan-out (`methods`) and the other pipeline defaults come from params.yaml's `pipeline`
-section when the pipeline is built (`build_pipeline`), so the method registry and params.yaml stay
-the only lists of methods.
+The default fan-out (`methods`) and the other pipeline defaults come from params.yaml when the pipeline
+is built (`build_pipeline`), so the method registry and params.yaml stay the only lists of methods. The
+registered model's name and the promotion margin are `register.model_name` and `register.margin`
+(`register_params`), one key each.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from kfp import dsl, kubernetes
 
+from vidistill.config import ClusterConfig
 from vidistill_pipeline.components import (
     TAG,
     distill_op,
@@ -36,7 +39,9 @@ from vidistill_pipeline.components import (
     export_op,
     flow_op,
     method_pretrain_op,
+    not_registered_op,
     prep_op,
+    publish_report_op,
     register_op,
     report_op,
     select_best_op,
@@ -69,9 +74,10 @@ GPU_POOLS: dict[str, GpuPool] = {
     "eks": GpuPool(node_label="karpenter.k8s.aws/instance-gpu-name", node_value="l4", taint_key="nvidia.com/gpu",
                    taint_value="true"),
 }
-DATA_PVC = os.environ.get("VIDISTILL_DATA_PVC", "vidistill-data")
-MLFLOW_SECRET = os.environ.get("VIDISTILL_MLFLOW_SECRET", "vidistill-mlflow")
-POOL = GPU_POOLS[os.environ.get("VIDISTILL_GPU_POOL", "gke")]
+# VIDISTILL_GPU_POOL, VIDISTILL_DATA_PVC, VIDISTILL_MLFLOW_SECRET; an unknown pool or a name Kubernetes
+# would refuse stops here in one line (vidistill.config.ClusterConfig), not at submission
+_CLUSTER = ClusterConfig.from_env()
+DATA_PVC, MLFLOW_SECRET, POOL = _CLUSTER.data_pvc, _CLUSTER.mlflow_secret, GPU_POOLS[_CLUSTER.gpu_pool]
 
 
 def _cluster(task: dsl.PipelineTask, *, cache: bool, gpu: bool = False) -> dsl.PipelineTask:
@@ -115,8 +121,6 @@ def vidistill_dag(
     export_params: dict,
     register_params: dict,
     methods: list,
-    model_name: str,
-    promotion_margin: float,
     code_version: str,
     mvd_pretrain_params: dict,
 ):
@@ -154,8 +158,11 @@ def vidistill_dag(
                           gpu=True)
         student.set_display_name("distill")
     # a Collected channel may be consumed once (kfp 2.17's compiler fails on a reused one): one per consumer
-    report = compute(report_op(students=dsl.Collected(student.outputs["student"]),
-                               two_stream=two_stream.outputs["metrics"])).set_display_name("comparison-report")
+    comparison = compute(report_op(students=dsl.Collected(student.outputs["student"]), two_stream=two_stream.outputs["report"],
+                                   teacher_rgb=rgb.outputs["model"], teacher_flow=temporal.outputs["model"],
+                                   encoder=encoder.outputs["model"], clips=prep.outputs["clips"],
+                                   source_clips=src.outputs["clips"], flow=flow.outputs["flow"],
+                                   distill_params=distill_params, code_version=code)).set_display_name("comparison")
     best = compute(select_best_op(students=dsl.Collected(student.outputs["student"]))).set_display_name("select-best")
     exported = compute(export_op(params=export_params, code_version=code, student=best.outputs["best"],
                                  clips=prep.outputs["clips"])).set_display_name("export-onnx")
@@ -163,17 +170,22 @@ def vidistill_dag(
                                 flow=flow.outputs["flow"], teacher_rgb=rgb.outputs["model"],
                                 teacher_flow=temporal.outputs["model"], encoder=encoder.outputs["model"],
                                 two_stream=two_stream.outputs["report"],
-                                students=dsl.Collected(student.outputs["student"]), onnx=exported.outputs["onnx"],
-                                report=report.outputs["report"], page=report.outputs["page"],
-                                image_teacher=image_teacher.outputs["model"], video_teacher=video_teacher.outputs["model"],
+                                students=dsl.Collected(student.outputs["student"]),
+                                onnx=exported.outputs["onnx"], image_teacher=image_teacher.outputs["model"],
+                                video_teacher=video_teacher.outputs["model"],
                                 masked_student=masked_student.outputs["model"])).set_display_name("track-stages")
     with dsl.If(exported.outputs["Output"] == True, name="parity-passed"):  # noqa: E712 - kfp condition syntax
-        side_effect(register_op(params=register_params, parent_run_id=parent_run_id, onnx=exported.outputs["onnx"],
-                                model_name=model_name, margin=promotion_margin)).set_display_name("register-promote")
+        registered = side_effect(register_op(params=register_params, parent_run_id=parent_run_id,
+                                             onnx=exported.outputs["onnx"])).set_display_name("register-promote")
+    with dsl.Else(name="parity-failed"):
+        refused = compute(not_registered_op(onnx=exported.outputs["onnx"])).set_display_name("not-registered")
+    side_effect(publish_report_op(parent_run_id=parent_run_id, comparison=comparison.outputs["comparison"],
+                                  onnx=exported.outputs["onnx"], register_params=register_params,
+                                  decision=dsl.OneOf(registered.output, refused.output))).set_display_name("publish-report")
 
 
 STAGE_SECTIONS = ("prep", "flow", "teach", "pretrain", "distill", "evaluate", "export", "register", "mvd_pretrain")
-PIPELINE_KEYS = ("methods", "model_name", "promotion_margin", "run_name")
+PIPELINE_KEYS = ("methods", "run_name")  # params.yaml `pipeline` keys that are pipeline parameters
 
 
 def pipeline_arguments(params: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -187,8 +199,7 @@ def pipeline_arguments(params: dict[str, Any], **overrides: Any) -> dict[str, An
 
 
 def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
-    """The pipeline, with its defaults (`methods`, `model_name`, `promotion_margin`, `run_name`) taken from
-    params.yaml's `pipeline` section; without a `pipeline.methods` the fan-out is every registered method.
+    """The pipeline, with its defaults (the stage sections, `methods`, `run_name`) taken from params.yaml; without a `pipeline.methods` the fan-out is every registered method.
 
     Args:
         params: params.yaml as a dict.
@@ -215,8 +226,6 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         raise ConfigError(f"pipeline.methods names unknown method(s) {', '.join(map(str, unknown))}; "
                           f"registered: {', '.join(list_methods())}")
     default_methods = list(methods)
-    default_model = str(defaults.get("model_name", "vidistill"))
-    default_margin = float(defaults.get("promotion_margin", 0.0))
     default_run = str(defaults.get("run_name", PIPELINE_NAME))
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Distil video action-recognition teachers into RGB-only ONNX students")
@@ -232,8 +241,6 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         register_params: dict,
         mvd_pretrain_params: dict,
         methods: list = default_methods,
-        model_name: str = default_model,
-        promotion_margin: float = default_margin,
         run_name: str = default_run,
         code_version: str = code_version,
     ):
@@ -242,15 +249,16 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         out over; `code_version` keys the cache of the compute tasks. The DAG runs inside an exit handler
         that closes the MLflow parent run, also when a task fails."""
         job = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        with dsl.ExitHandler(side_effect(end_pipeline_run_op(job_id=job)), name="tracked-run"):
-            start = side_effect(start_pipeline_run_op(name=run_name, methods=methods, model_name=model_name,
+        close = side_effect(end_pipeline_run_op(job_id=job)).set_display_name("close-mlflow-run")
+        with dsl.ExitHandler(close, name="tracked-run"):
+            start = side_effect(start_pipeline_run_op(name=run_name, methods=methods, register_params=register_params,
                                                       code_version=code_version, job_id=job))
             start.set_display_name("start-mlflow-run")
             vidistill_dag(parent_run_id=start.output, prep_params=prep_params, source_prep_params=source_prep_params,
                           flow_params=flow_params, teach_params=teach_params, pretrain_params=pretrain_params,
                           distill_params=distill_params, evaluate_params=evaluate_params, export_params=export_params,
-                          register_params=register_params, methods=methods, model_name=model_name,
-                          promotion_margin=promotion_margin, code_version=code_version,
+                          register_params=register_params, methods=methods,
+                          code_version=code_version,
                           mvd_pretrain_params=mvd_pretrain_params).set_display_name("vidistill-dag")
 
     return vidistill_pipeline

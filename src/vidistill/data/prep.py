@@ -22,6 +22,12 @@ A class left without a usable training video (every video skipped, or none liste
 removed before anything trains on it: it is listed in `skipped`, its test videos are not written,
 and the remaining labels are renumbered in class order. When that leaves fewer than two classes,
 the stage stops with a one-line `ConfigError` naming them.
+
+Class balance is reported, not corrected (`class_balance`): the summary and the manifest carry
+`warnings` for a class removed for lack of training clips, a class without test clips (its accuracy
+cannot be measured), and a split whose largest class has `IMBALANCE_WARN` times the clips of its
+smallest or more, with the top-1 a model answering only the majority class would score. Read mean
+class accuracy beside top-1 on such data.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from vidistill.data.video import VideoError, load_video
 from vidistill.errors import ConfigError
 
 FORMAT = 1
+IMBALANCE_WARN = 3.0  # warn when a split's largest class has this many times the clips of its smallest
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,41 @@ def _classes_without_training(layout: Layout, jobs: list[_Job], usable_train: Co
     return removed
 
 
+def class_balance(splits: dict[str, dict[str, Any]], removed: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Class balance of a prep output, and the warnings it deserves.
+
+    Args:
+        splits: per split `{"per_class": {class: clips}}` (the summary's `splits`).
+        removed: classes removed for lack of a usable training video.
+
+    Returns:
+        `(balance, warnings)`: balance holds `without_test` (classes with no test clip), per split the
+        ratio of largest to smallest class (`<split>_ratio`) and the share of the largest class
+        (`<split>_majority`: the top-1 of a model that always answers it); warnings are one line each.
+    """
+    warnings = [f"class {c!r} has no usable training clip and was removed (see the skipped list)" for c in removed or []]
+    balance: dict[str, Any] = {"without_test": [], "removed": list(removed or [])}
+    test = splits.get("test", {}).get("per_class", {})
+    balance["without_test"] = [c for c, n in test.items() if n == 0]
+    if balance["without_test"]:
+        warnings.append(f"class(es) {', '.join(map(repr, balance['without_test']))} have no test clip: their accuracy "
+                        "cannot be measured and mAP leaves them out; add test videos of them (folder layouts: enough "
+                        "videos that prep.test_fraction gives each class one)")
+    for split, info in splits.items():
+        counts = {c: n for c, n in info.get("per_class", {}).items() if n > 0}
+        if len(counts) < 2:
+            continue
+        big, small = max(counts, key=counts.get), min(counts, key=counts.get)
+        ratio = counts[big] / counts[small]
+        majority = counts[big] / sum(counts.values())
+        balance[f"{split}_ratio"], balance[f"{split}_majority"] = ratio, majority
+        if ratio >= IMBALANCE_WARN:
+            warnings.append(f"{split} split is imbalanced: {counts[big]} clips of {big!r} against {counts[small]} of "
+                            f"{small!r} ({ratio:.1f}:1); always answering {big!r} scores top-1 {majority:.3f} there, "
+                            "so read mean class accuracy beside top-1")
+    return balance, warnings
+
+
 def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the prep stage (see the module docstring).
 
@@ -280,9 +322,11 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
                 per_class[classes[e["label"]]] += 1
             splits[s] = {"clips": len(w.index), "videos": videos[s], "per_class": per_class}
         src_hash = hashlib.sha256(json.dumps(sorted(sources)).encode()).hexdigest()
+        balance, warnings = class_balance(splits, [layout.classes[label] for label in removed])
         manifest = {
             "format": FORMAT, "dataset": cfg.dataset, "root": str(layout.root), "classes": classes,
             "frames": cfg.frames, "size": cfg.crop, "splits": splits, "skipped": skipped, "notes": notes,
+            "balance": balance, "warnings": warnings,
             "params": dataclasses.asdict(cfg),
             "sources": {"count": len(sources), "bytes": sum(s[1] for s in sources), "hash": src_hash},
             "hash": _shards_hash(writers),
@@ -296,7 +340,7 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
     total_clips = sum(v["clips"] for v in splits.values())
     return {"dataset": cfg.dataset, "out": str(out), "classes": classes,
             "removed_classes": [layout.classes[label] for label in removed], "splits": splits, "skipped": skipped,
-            "notes": notes, "frames_decoded": decoded, "seconds": seconds,
+            "notes": notes, "balance": balance, "warnings": warnings, "frames_decoded": decoded, "seconds": seconds,
             "frames_per_s": decoded / seconds if seconds > 0 else 0.0,
             "clips_per_s": total_clips / seconds if seconds > 0 else 0.0,
             "peak_rss_mb": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
