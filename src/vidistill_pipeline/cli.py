@@ -47,13 +47,31 @@ def _local_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--workdir", default=".", help="where data/, outputs/ and mlflow.db go")
     p.add_argument("--no-cache", action="store_true", help="recompute every task instead of reusing kfp.local's cache")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted params.yaml key over the profile, e.g. pipeline.shards=2 (repeatable)")
 
 
 def _run(args: argparse.Namespace) -> int:
     from vidistill_pipeline.demo import run_demo
 
-    run_demo(profile=args.profile, params=args.params, workdir=Path(args.workdir), cache=not args.no_cache)
+    run_demo(profile=args.profile, params=args.params, workdir=Path(args.workdir), cache=not args.no_cache,
+             overrides=_overrides(args.set))
     return 0
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """`KEY=VALUE` flags as a dict; values are parsed as YAML (`2` is an int, `[a, b]` a list)."""
+    import yaml
+
+    from vidistill.config import ConfigError
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set pipeline.shards=2")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def _compile(args: argparse.Namespace) -> int:

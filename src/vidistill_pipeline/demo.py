@@ -29,8 +29,10 @@ def champion(model_name: str) -> dict[str, Any] | None:
 
 
 def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workdir: Path = Path("."),
-             cache: bool = True) -> dict[str, Any]:
+             cache: bool = True, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the pipeline locally and print the comparison, the champion and where to look.
+
+    `overrides`: dotted params.yaml keys over the profile (`--set pipeline.shards=2`).
 
     Outputs are found through the index the uncached `track-stages` task writes in this run's folder,
     so tasks served from kfp.local's cache (`cache=True`) are found where an earlier run made them.
@@ -44,7 +46,7 @@ def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workd
     console.rule(f"vidistill pipeline — local run, profile {profile!r}")
     workdir = Path(workdir).resolve()
     with local_tracking(workdir):
-        result = run_local(params, profile=profile, workdir=workdir, cache=cache)
+        result = run_local(params, profile=profile, workdir=workdir, cache=cache, overrides=overrides)
         model_name = result["params"].get("register", {}).get("model_name", "vidistill-synthetic")
         champ = champion(model_name)
     run_dir: Path = result["run_dir"]
