@@ -243,8 +243,14 @@ def test_run_teacher_stages_inputs_and_returns_the_model(api: Any, tmp_path: Pat
 def test_compiled_pipeline_launches_trainjobs(tmp_path: Path) -> None:
     """With the cluster overlay's switch the compiled IR trains both teachers through the launcher,
     with the configured nodes and GPUs; without it they stay single GPU pods."""
-    env = {**os.environ, "VIDISTILL_TEACHER_LAUNCHER": "trainjob", "VIDISTILL_TRAINJOB_NODES": "4",
-           "VIDISTILL_TRAINJOB_GPUS_PER_NODE": "8"}
+    overlay = {}  # the cluster overlay's compile-time choices (k8s/overlays/gke/pipeline.env)
+    for line in (ROOT / "k8s" / "overlays" / "gke" / "pipeline.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            overlay[key] = value
+    assert overlay["VIDISTILL_TEACHER_LAUNCHER"] == "trainjob"
+    overlay.update(VIDISTILL_TRAINJOB_NODES="4", VIDISTILL_TRAINJOB_GPUS_PER_NODE="8")  # sizes reach the IR
+    env = {**os.environ, **overlay}
     out = tmp_path / "pipeline.yaml"
     code = ("import sys; from vidistill_pipeline.runner import compile_pipeline; "
             f"compile_pipeline({str(out)!r}, params_file={str(ROOT / 'params.yaml')!r})")
