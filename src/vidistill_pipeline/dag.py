@@ -44,7 +44,6 @@ from vidistill_pipeline.components import (
     teach_op,
     track_stages_op,
 )
-
 from vidistill_pipeline.shards import flow_shard_op, merge_flow_op, merge_prep_op, prep_shard_op, shard_plan_op
 from vidistill_pipeline.trainjob import config_dict, config_from_env, teach_trainjob_op
 
