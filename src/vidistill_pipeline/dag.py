@@ -33,7 +33,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
-from vidistill.config import ClusterConfig
+from vidistill.config import ClusterConfig, ConfigError
 from vidistill_pipeline.components import (
     TAG,
     distill_op,
@@ -235,7 +235,6 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         vidistill.config.ConfigError: `pipeline.methods` is empty, not a list, or names a method the
             registry does not know.
     """
-    from vidistill.config import ConfigError
     from vidistill.distill import list_methods
 
     defaults = pipeline_arguments(params)
