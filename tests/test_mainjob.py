@@ -107,10 +107,10 @@ def test_a_folder_dataset_with_the_synth_block_of_params_yaml_passes_the_check(t
     ("prp.frames=8", "unknown params.yaml section(s) prp"),
     ("distill.methods.kd.tau=-1", "distill.methods.kd.tau must be > 0"),
     ("teach.train.epochs=zero", "epochs must be a int, got 'zero'"),
-    ("pipeline.methods=[none, kdd]", "pipeline.methods must be a non-empty list of registered methods"),
+    ("pipeline.methods=[none, kdd]", "pipeline.methods names unknown method(s) kdd"),
     ("pipeline.model_name=x", "pipeline.model_name is now register.model_name"),
     ("pipeline.source_prep.crop=999", "short_side (64) must be >= prep.crop (999)"),
-    ("register.model_name=", "register.model_name must not be empty"),
+    ("register.model_name=", "register.model_name must be a non-empty registered-model name"),
     ("prep.frames", "--set takes KEY=VALUE"),
 ])
 def test_a_bad_set_is_refused_in_one_line_before_any_work(item, message, tmp_path, capsys, monkeypatch):

@@ -102,7 +102,7 @@ def test_a_bad_pipeline_value_stops_the_command_before_prep_with_no_mlflow_run(t
 def test_a_failing_pipeline_closes_its_parent_run_as_failed(tmp_path, monkeypatch):
     """A task fails at run time (prep finds no class folders under an existing, empty root): the exit
     handler closes the pipeline's MLflow parent run as FAILED, and no run is left RUNNING."""
-    from vidistill_pipeline.runner import local_tracking, run_local
+    from vidistill_pipeline.runner import PipelineFailed, local_tracking, resolve_params, run_local
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     empty = tmp_path / "videos"
@@ -114,8 +114,8 @@ def test_a_failing_pipeline_closes_its_parent_run_as_failed(tmp_path, monkeypatc
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     with local_tracking(tmp_path):
-        with pytest.raises(Exception):
-            run_local(path, profile="tiny", workdir=tmp_path, cache=False)
+        with pytest.raises(PipelineFailed):
+            run_local(resolve_params(path, profile="tiny", workdir=tmp_path), workdir=tmp_path, cache=False)
     c = MlflowClient(sqlite_uri(tmp_path / "mlflow.db"))
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     parents = [r for r in runs if r.data.tags.get("vidistill.stage") == "pipeline"]

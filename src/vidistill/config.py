@@ -418,6 +418,7 @@ class PipelineConfig:
 
     methods: list | None = None  # distillation methods of the fan-out; None (key absent): every registered method
     run_name: str = "vidistill"  # MLflow parent run name
+    shards: int = 1  # prep and flow fan out over this many pods (docs/scale-out.md); any value gives the same data
     source_prep: dict = field(default_factory=dict)  # a prep section: the source videos sd's encoder pre-trains on
 
     def validate(self) -> None:
@@ -438,6 +439,8 @@ class PipelineConfig:
         _check(not twice, f"pipeline.methods lists {', '.join(twice)} more than once; list each method once")
         _check(bool(self.run_name.strip()) and len(self.run_name) <= 250,
                f"pipeline.run_name must be 1 to 250 characters, got {self.run_name!r}")
+        _check(isinstance(self.shards, int) and not isinstance(self.shards, bool) and self.shards >= 1,
+               f"pipeline.shards must be an integer >= 1 (pieces prep and flow fan out over), got {self.shards!r}")
         _validate_section("pipeline.source_prep", PrepConfig, self.source_prep)
 
 
@@ -495,6 +498,6 @@ def validate_pipeline_params(params: dict[str, Any]) -> dict[str, Any]:
         _validate_section(f"mvd_pretrain.{stage}", TeachConfig, value)
     ClusterConfig.from_env()
     section = dict(params.get("pipeline") or {})
-    section.update(methods=list(pipe.methods), run_name=pipe.run_name)
+    section.update(methods=list(pipe.methods), run_name=pipe.run_name, shards=pipe.shards)
     params["pipeline"] = section
     return params

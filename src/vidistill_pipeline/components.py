@@ -58,20 +58,7 @@ def prep_op(params: dict, code_version: str, clips: Output[Dataset]):
                            "mlflow_run_id": mlflow.last_active_run().info.run_id})
 
 
-@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
-def flow_op(params: dict, code_version: str, clips: Input[Dataset], flow: Output[Dataset]):
-    """TV-L1 flow of every clip (`vidistill.stages.flow`), on the GPU when the pod has one.
-
-    `flow.metadata`: frame pairs, pairs/s, failed clips, `mlflow_run_id`.
-    """
-    import mlflow
-
-    from vidistill import stages
-
-    summary = stages.run("flow", params, clips=clips.path, out=flow.path, progress=True)
-    flow.metadata.update({k: summary[k] for k in ("pairs", "pairs_per_s", "failed") if k in summary})
-    flow.metadata.update({"data_hash": clips.metadata.get("data_hash", "unknown"),
-                          "mlflow_run_id": mlflow.last_active_run().info.run_id})
+# TV-L1 flow runs sharded: flow_shard_op and merge_flow_op in shards.py
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
@@ -369,5 +356,5 @@ def end_pipeline_run_op(job_id: str, status: dsl.PipelineTaskFinalStatus):
     end_pipeline_job(job_id, "FINISHED" if status.state == "SUCCEEDED" else "FAILED")
 
 
-COMPUTE = (prep_op, flow_op, teach_op, method_pretrain_op, distill_op, evaluate_op, report_op, select_best_op, export_op, not_registered_op)
+COMPUTE = (prep_op, teach_op, method_pretrain_op, distill_op, evaluate_op, report_op, select_best_op, export_op, not_registered_op)
 SIDE_EFFECTS = (register_op, publish_report_op, track_stages_op, start_pipeline_run_op, end_pipeline_run_op)

@@ -9,6 +9,10 @@
                                     comparison + the registration decision (OneOf) ──> publish report (Markdown, HTML, MLflow)
                                                          every stage's MLflow run ──> track-stages (nests them under the parent run)
 
+Scale-out: prep and flow fan out over `shards` (a ParallelFor of shard tasks and a merge that writes
+exactly the unsharded output, see shards.py); with VIDISTILL_TEACHER_LAUNCHER=trainjob the two
+teachers train as Kubeflow Trainer TrainJobs of N nodes x G GPUs (trainjob.py).
+
 GPU-heavy tasks (flow, teach, distill) request `nvidia.com/gpu`, a node selector and a toleration for
 the cluster's GPU node pool (`GpuPool`: GKE, AKS and EKS/Karpenter label keys); every task mounts the
 data PVC and reads the MLflow URI and credentials from a Kubernetes Secret. All of these are ignored by
@@ -25,19 +29,19 @@ registered model's name and the promotion margin are `register.model_name` and `
 (`register_params`), one key each.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from kfp import dsl, kubernetes
 
-from vidistill.config import ClusterConfig
+from vidistill.config import ClusterConfig, ConfigError
 from vidistill_pipeline.components import (
     TAG,
     distill_op,
     end_pipeline_run_op,
     evaluate_op,
     export_op,
-    flow_op,
     method_pretrain_op,
     not_registered_op,
     prep_op,
@@ -49,6 +53,8 @@ from vidistill_pipeline.components import (
     teach_op,
     track_stages_op,
 )
+from vidistill_pipeline.shards import flow_shard_op, merge_flow_op, merge_prep_op, prep_shard_op, shard_plan_op
+from vidistill_pipeline.trainjob import config_dict, config_from_env, teach_trainjob_op
 
 PIPELINE_NAME = "vidistill"
 
@@ -108,6 +114,41 @@ def side_effect(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return _cluster(task, cache=False)
 
 
+# --- scale-out: where the teachers train (pod | trainjob), chosen at compile time by the cluster overlay's
+# pipeline.env (k8s/overlays/*/pipeline.env); see vidistill_pipeline/trainjob.py
+TEACHER_LAUNCHER = os.environ.get("VIDISTILL_TEACHER_LAUNCHER", "pod")
+if TEACHER_LAUNCHER not in ("pod", "trainjob"):
+    raise ConfigError(f"VIDISTILL_TEACHER_LAUNCHER={TEACHER_LAUNCHER!r}: choose pod (one GPU pod) or trainjob "
+                     "(a Kubeflow Trainer TrainJob over N nodes x G GPUs)")
+
+
+def teacher(**inputs: Any) -> dsl.PipelineTask:
+    """A teacher's training task: `teach_op` in one GPU pod (the default), or with
+    VIDISTILL_TEACHER_LAUNCHER=trainjob a CPU task that launches and follows a `TrainJob`."""
+    if TEACHER_LAUNCHER == "trainjob":
+        return compute(teach_trainjob_op(trainjob=config_dict(config_from_env()), **inputs))
+    return compute(teach_op(**inputs), gpu=True)
+
+
+def sharded_prep_flow(prep_params: Any, flow_params: Any, code: Any, shards: Any) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
+    """prep and flow fanned out over `shards` (see vidistill_pipeline/shards.py). Returns the merge tasks,
+    whose outputs `clips` and `flow` are the unsharded prep's and flow's."""
+    plan = _cluster(shard_plan_op(params=prep_params, code_version=code, shards=shards), cache=False)
+    plan.set_display_name("shard-plan")
+    with dsl.ParallelFor(plan.output) as shard:
+        part = compute(prep_shard_op(params=prep_params, code_version=code, shard=shard, shards=shards))
+        part.set_display_name("prep-shard")
+    prep = compute(merge_prep_op(params=prep_params, code_version=code, parts=dsl.Collected(part.outputs["part"])))
+    prep.set_display_name("prep")
+    with dsl.ParallelFor(plan.output) as shard:
+        piece = compute(flow_shard_op(params=flow_params, code_version=code, clips=prep.outputs["clips"], shard=shard,
+                                      shards=shards), gpu=True).set_display_name("tvl1-flow-shard")
+    flow = compute(merge_flow_op(params=flow_params, code_version=code, clips=prep.outputs["clips"],
+                                 parts=dsl.Collected(piece.outputs["part"]))).set_display_name("tvl1-flow")
+    return prep, flow
+# --- end scale-out
+
+
 @dsl.pipeline(name="vidistill-dag")
 def vidistill_dag(
     parent_run_id: str,
@@ -123,17 +164,16 @@ def vidistill_dag(
     methods: list,
     code_version: str,
     mvd_pretrain_params: dict,
+    shards: int = 1,
 ):
     """The stage graph. Compute tasks get `code_version`, side effects `parent_run_id`."""
     code = code_version
-    prep = compute(prep_op(params=prep_params, code_version=code)).set_display_name("prep")
+    prep, flow = sharded_prep_flow(prep_params, flow_params, code, shards)  # scale-out: prep and flow over shards
     src = compute(prep_op(params=source_prep_params, code_version=code)).set_display_name("prep-source")
-    flow = compute(flow_op(params=flow_params, code_version=code, clips=prep.outputs["clips"]), gpu=True)
-    flow.set_display_name("tvl1-flow")
-    rgb = compute(teach_op(params=teach_params, code_version=code, modality="rgb", clips=prep.outputs["clips"]), gpu=True)
+    rgb = teacher(params=teach_params, code_version=code, modality="rgb", clips=prep.outputs["clips"])
     rgb.set_display_name("teach-rgb")
-    temporal = compute(teach_op(params=teach_params, code_version=code, modality="flow", clips=prep.outputs["clips"],
-                                flow=flow.outputs["flow"]), gpu=True).set_display_name("teach-flow")
+    temporal = teacher(params=teach_params, code_version=code, modality="flow", clips=prep.outputs["clips"],
+                       flow=flow.outputs["flow"]).set_display_name("teach-flow")
     encoder = compute(teach_op(params=pretrain_params, code_version=code, modality="rgb", clips=src.outputs["clips"]),
                       gpu=True).set_display_name("pretrain-encoder")
     # masked video distillation's pre-training (MAE image teacher, VideoMAE video teacher, MVD student): run only
@@ -185,7 +225,7 @@ def vidistill_dag(
 
 
 STAGE_SECTIONS = ("prep", "flow", "teach", "pretrain", "distill", "evaluate", "export", "register", "mvd_pretrain")
-PIPELINE_KEYS = ("methods", "run_name")  # params.yaml `pipeline` keys that are pipeline parameters
+PIPELINE_KEYS = ("methods", "run_name", "shards")  # params.yaml `pipeline` keys that are pipeline parameters
 
 
 def pipeline_arguments(params: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -213,7 +253,6 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         vidistill.config.ConfigError: `pipeline.methods` is empty, not a list, or names a method the
             registry does not know.
     """
-    from vidistill.config import ConfigError
     from vidistill.distill import list_methods
 
     defaults = pipeline_arguments(params)
@@ -227,6 +266,10 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
                           f"registered: {', '.join(list_methods())}")
     default_methods = list(methods)
     default_run = str(defaults.get("run_name", PIPELINE_NAME))
+    default_shards = defaults.get("shards", 1)
+    if not isinstance(default_shards, int) or isinstance(default_shards, bool) or default_shards < 1:
+        raise ConfigError(f"params.yaml pipeline.shards must be an integer >= 1 (pieces prep and flow fan out over), "
+                          f"got {default_shards!r}")
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Distil video action-recognition teachers into RGB-only ONNX students")
     def vidistill_pipeline(
@@ -243,6 +286,7 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         methods: list = default_methods,
         run_name: str = default_run,
         code_version: str = code_version,
+        shards: int = default_shards,
     ):
         """Every `<stage>_params` is that stage's section of params.yaml; `source_prep_params` describes the
         source dataset the pre-trained encoder learns from; `methods` are the distillation methods to fan
@@ -259,6 +303,6 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
                           distill_params=distill_params, evaluate_params=evaluate_params, export_params=export_params,
                           register_params=register_params, methods=methods,
                           code_version=code_version,
-                          mvd_pretrain_params=mvd_pretrain_params).set_display_name("vidistill-dag")
+                          mvd_pretrain_params=mvd_pretrain_params, shards=shards).set_display_name("vidistill-dag")
 
     return vidistill_pipeline

@@ -43,7 +43,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import av
 import cv2
@@ -234,12 +234,17 @@ def class_balance(splits: dict[str, dict[str, Any]], removed: list[str] | None =
     return balance, warnings
 
 
-def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
+def run_prep(cfg: PrepConfig, *, progress: bool = True,
+             decoded_by: Callable[[list[_Job]], Iterable[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Run the prep stage (see the module docstring).
 
     Args:
         cfg: the stage parameters.
         progress: show a progress bar.
+        decoded_by: where the decoded videos come from: called with every job in write order, it
+            yields `decode_job`'s result for each; default: decode them here. The sharded prep's
+            merge (`vidistill.data.shards.merge_prep`) passes the shards' results, so a sharded run
+            writes exactly what an unsharded one writes.
 
     Returns:
         Summary: `dataset`, `out`, `classes` (after removals), `removed_classes`, `splits` (per split
@@ -275,9 +280,10 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
         writers = {s: _ShardWriter(tmp / s, cfg.shard_size, cfg.frames, cfg.crop) for s in SPLITS}
         videos = {s: 0 for s in SPLITS}
         chunk = max(1, min(8, len(jobs) // (8 * max(workers, 1))))
-        with progress_bar(progress) as bar, executor(workers, len(jobs)) as pool:
+        with progress_bar(progress) as bar, executor(workers if decoded_by is None else 1, len(jobs)) as pool:
             task = bar.add_task(f"prep {cfg.dataset}", total=len(jobs), info="")
-            for job, res in zip(jobs, ordered_map(pool, decode_job, jobs, chunksize=chunk)):
+            results = ordered_map(pool, decode_job, jobs, chunksize=chunk) if decoded_by is None else decoded_by(jobs)
+            for job, res in zip(jobs, results, strict=True):
                 if job.split != "train" and removed is None:
                     removed = _classes_without_training(layout, jobs, usable_train)
                 if res["sha256"]:
