@@ -380,7 +380,7 @@ class RegisterConfig:
 # ----------------------------------------------------------------------------------------------
 # the pipeline (`vidistill pipeline ...`, `vidistill demo`)
 
-# GPU node pools the Kubeflow pipeline can schedule onto (vidistill_pipeline.dag.GPU_POOLS holds their labels)
+# GPU node pools the Kubeflow pipeline can schedule onto (the orchestration's dag.GPU_POOLS holds their labels)
 GPU_POOL_NAMES = ("gke", "aks", "eks")
 
 
