@@ -19,7 +19,7 @@ from vidistill.errors import ConfigError
 from vidistill.flow.params import TVL1Params
 from vidistill.schema import flatten, from_dict, set_dotted, to_dict
 
-__all__ = ["ConfigError", "DistillConfig", "EvaluateConfig", "ExportConfig", "FlowConfig", "PrepConfig", "RegisterConfig",
+__all__ = ["ConfigError", "DistillConfig", "EvaluateConfig", "ExpertsConfig", "ExportConfig", "FlowConfig", "PrepConfig", "RegisterConfig",
            "SynthConfig", "TeachConfig", "TrainConfig", "flatten", "from_dict", "load_params", "params_hash",
            "set_dotted", "to_dict"]
 
@@ -125,6 +125,7 @@ class TrainConfig:
     momentum: float = 0.9
     optimizer: str = "adamw"  # adamw | sgd
     warmup_epochs: int = 1
+    schedule: str = "cosine"  # cosine: linear warm-up then cosine decay | constant: linear warm-up then constant
     label_smoothing: float = 0.0
     hflip: bool = False  # off by default: synthetic classes are left/right motions
     seed: int = 0
@@ -139,6 +140,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         _check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1, f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
+        _check(self.schedule in ("cosine", "constant"), f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
