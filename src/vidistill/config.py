@@ -186,6 +186,7 @@ class DistillConfig:
     teacher_rgb: str = "runs/teacher_rgb/model.pt"
     teacher_flow: str = "runs/teacher_flow/model.pt"
     pretrained: str = ""  # model.pt of a pre-trained encoder (sd)
+    experts: str = "runs/experts"  # `vidistill experts` output: experts of several datasets, cached embeddings (jedi)
     resume: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: dict = field(default_factory=dict)  # per-method hyperparameters: methods.<key>.<name>
@@ -276,3 +277,92 @@ class RegisterConfig:
     def validate(self) -> None:
         _check(bool(self.model_name.strip()), "register.model_name must not be empty")
         _check(self.margin >= 0, f"register.margin must be >= 0, got {self.margin}")
+
+
+# ----------------------------------------------------------------------------------------------
+# several datasets (multi-dataset methods: jedi)
+
+# prep keys every dataset of the list takes from the main dataset: every expert runs on every dataset's clips
+CLIP_GEOMETRY = ("frames", "stride", "short_side", "crop", "short_policy", "clips_per_video_train", "clips_per_video_test")
+
+
+@dataclass
+class ExpertsConfig:
+    """One expert per dataset, frozen, and their embeddings of every dataset's clips: `vidistill experts`.
+
+    The main dataset is prep's output (`clips`): its expert's student is the product that is exported and
+    promoted. `datasets` lists the others; each entry is a mapping with a `name` and either any `prep` key but
+    the clip geometry, which every dataset takes from the main one (`CLIP_GEOMETRY`), e.g.
+    `{name: synthetic_d1, dataset: synthetic, synth: {domain: 1, seed: 1}}` or
+    `{name: mine, dataset: folder, root: /videos/mine}` (defaults: `root` = `data/raw/<name>`, `out` =
+    `<experts.out>/clips/<name>`), or `clips`, an existing prep output of the same clip geometry. Label
+    spaces are per dataset, so class names may overlap.
+    """
+
+    clips: str = "data/clips"  # the main dataset (prep's output)
+    name: str = "main"  # the main dataset's name in metrics and file names
+    datasets: list = field(default_factory=list)  # the other datasets (see above)
+    out: str = "runs/experts"
+    model: str = "r2plus1d_student"  # every expert's preset (its features are the cached embeddings)
+    embed_batch_size: int = 32  # clips per batch of the embedding pass
+    resume: bool = False  # reuse an expert whose model.pt was trained on the same clips with the same settings
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        import re
+
+        from vidistill.models import list_models
+
+        names = [self.name]
+        _check(bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.name)), f"experts.name must be a letter then letters, digits "
+               f"or _, got {self.name!r}")
+        for i, entry in enumerate(self.datasets):
+            where = f"experts.datasets[{i}]"
+            _check(isinstance(entry, dict), f"{where} must be a mapping with a name and prep keys (dataset, root, split, "
+                   f"synth...), got {entry!r}; set it in params.yaml")
+            name = entry.get("name")
+            _check(isinstance(name, str) and bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name)),
+                   f"{where}.name must be a letter then letters, digits or _, got {name!r}")
+            _check(name not in names, f"{where}.name {name!r} is used twice; every dataset needs its own name")
+            names.append(name)
+            if "clips" in entry:  # an existing prep output
+                extra = sorted(set(entry) - {"name", "clips"})
+                _check(not extra, f"{where} names prep output {entry['clips']!r} and prep keys {', '.join(extra)}; give "
+                       "either `clips` (an existing prep output) or prep keys (videos to prepare)")
+                continue
+            fixed = sorted(set(entry) & set(CLIP_GEOMETRY))
+            _check(not fixed, f"{where} sets {', '.join(fixed)}: every dataset takes the clip geometry of the main dataset "
+                   "(prep), because every expert runs on every dataset's clips; remove them")
+            try:
+                dataset_prep(self, i).validate()
+            except ConfigError as exc:
+                raise ConfigError(f"{where} ({name}): {exc}") from None
+        _check(len(names) >= 2, "experts.datasets is empty: a multi-dataset method needs at least one dataset besides "
+               "the main one")
+        _check(self.embed_batch_size >= 1, f"experts.embed_batch_size must be >= 1, got {self.embed_batch_size}")
+        _check(self.model in list_models(), f"experts.model {self.model!r} is not a registered model; choose one of: "
+               f"{', '.join(list_models())}")
+        self.train.validate()
+
+
+def dataset_prep(cfg: ExpertsConfig, i: int, geometry: dict[str, Any] | None = None) -> PrepConfig:
+    """The prep configuration of `cfg.datasets[i]`: its keys over the defaults, the clip `geometry` (a
+    prep manifest's `params`, i.e. the main dataset's) over both. A synthetic dataset also takes the main
+    dataset's generator settings (videos per class, frames, size, codec) unless it sets them; its
+    `domain` and `seed` are its own.
+
+    Raises:
+        ConfigError: an unknown key or a bad value, named as `experts.datasets[i].<key>`.
+    """
+    entry = {k: v for k, v in cfg.datasets[i].items() if k != "name"}
+    name = cfg.datasets[i]["name"]
+    entry.setdefault("root", f"data/raw/{name}")
+    entry.setdefault("out", f"{cfg.out}/clips/{name}")
+    inherited = {k: v for k, v in ((geometry or {}).get("synth") or {}).items() if k not in ("out", "domain", "seed")}
+    entry["synth"] = {**inherited, "out": entry["root"], **dict(entry.get("synth") or {})}
+    prep = from_dict(PrepConfig, entry, where=f"experts.datasets[{i}].")
+    for key in CLIP_GEOMETRY:
+        if geometry and key in geometry:
+            setattr(prep, key, geometry[key])
+    return prep
+
