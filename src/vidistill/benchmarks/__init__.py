@@ -1,8 +1,9 @@
 """`vidistill bench ...`: benchmarks whose numbers go into the README, always with the machine named.
 
 The benchmarks live here, outside the stage modules: `prep` (`benchmarks/prep.py`), `methods`
-(`benchmarks/methods.py`), the model zoo's latency (`python -m vidistill.benchmarks.models`); `flow`
-and `serve` are still in `vidistill/flow/bench.py` and `vidistill/serve/bench.py`. `run_bench`
+(`benchmarks/methods.py`), `train` and `ort` (`benchmarks/train.py`, `benchmarks/ort.py`: the GPU
+check's), the model zoo's latency (`python -m vidistill.benchmarks.models`); `flow` and `serve` are
+still in `vidistill/flow/bench.py` and `vidistill/serve/bench.py`. `run_bench`
 dispatches by name through `BENCHMARKS`.
 """
 
@@ -17,10 +18,14 @@ from typing import Any
 # name -> (module, function, keyword arguments of a --quick smoke run)
 BENCHMARKS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "prep": ("vidistill.benchmarks.prep", "bench_prep", {"videos": 4}),
-    "flow": ("vidistill.flow.bench", "bench_flow", {"pairs": 2, "sizes": ((112, 112),)}),
+    "flow": ("vidistill.flow.bench", "bench_flow", {"pairs": 2, "sizes": ("112x112",)}),
     "serve": ("vidistill.serve.bench", "bench_serve", {"requests": 80}),
     "methods": ("vidistill.benchmarks.methods", "bench_methods",
                 {"seeds": 1, "videos_per_class": 6, "teacher_epochs": 1, "student_epochs": 1}),
+    # the GPU check (issue 19): training throughput per precision, ONNX Runtime per provider
+    "train": ("vidistill.benchmarks.train", "bench_train",
+              {"methods": ("none",), "precisions": ("fp32",), "batch_size": 2, "steps": 2, "warmup": 1}),
+    "ort": ("vidistill.benchmarks.ort", "bench_ort", {"batches": (1,), "iters": 3, "warmup": 1}),
 }
 
 
@@ -103,7 +108,7 @@ def run_bench(what: str, *, quick: bool = False, overrides: list[str] | None = N
     """Run one benchmark, print a table, return the results (with the machine).
 
     Args:
-        what: prep, flow, serve or methods.
+        what: prep, flow, serve, methods, train or ort.
         quick: fewer items, for a smoke run.
         overrides: `name=value` settings of the benchmark function (`vidistill bench methods --set seeds=5`).
     """
