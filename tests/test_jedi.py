@@ -18,7 +18,7 @@ from helpers_jedi import tiny_experts
 from vidistill import cli, stages
 from vidistill.config import ConfigError, DistillConfig, ExpertsConfig, PrepConfig, SynthConfig, TrainConfig, from_dict
 from vidistill.data import ClipDataset
-from vidistill.data.multi import EmbeddingSet, cache_embeddings, holdout_mask, read_experts
+from vidistill.data.multi import EmbeddingSet, cache_embeddings, holdout_mask, holdout_split, read_experts
 from vidistill.distill import DistillContext, get_method, method_params
 from vidistill.distill.jedi import dataset_weights, ensemble_dropout
 from vidistill.models import ZooModel
@@ -158,7 +158,7 @@ def test_the_kd_term_is_exactly_zero_during_the_burn_in(experts):
     for epoch, positive in ((0, False), (24, False), (25, True), (499, True)):
         task.on_epoch_start(epoch)
         out = task(batch)
-        assert (float(out["kd"]) > 0) == positive and float(out["kd_div"]) > 0
+        assert (out["kd"].item() > 0) == positive and out["kd_div"].item() > 0
         if not positive:
             assert float(out["kd"]) == 0.0
             assert out["loss"].item() == pytest.approx((out["ce"] + out["hinge"]).item(), rel=1e-6)
@@ -362,6 +362,19 @@ def test_distill_jedi_refuses_clips_the_experts_were_not_built_on(real, tmp_path
     with pytest.raises(ConfigError, match="built on other clips"):
         stages.distill(cfg, progress=False, track=False)
     assert not other.exists()
+
+
+def test_a_validation_split_that_no_expert_trains_on(real, tmp_path):
+    split = holdout_split(real["clips"], tmp_path / "split", 0.25)
+    train, val, test = (ClipDataset(split, s) for s in ("train", "val", "test"))
+    original = ClipDataset(real["clips"], "train")
+    assert len(train) + len(val) == len(original) and len(test) == len(ClipDataset(real["clips"], "test"))
+    assert not set(train.video_ids) & set(val.video_ids)
+    assert sorted(set(val.labels)) == list(range(original.num_classes))  # stratified: every class has a video there
+    i = int(np.flatnonzero(original.video_ids == val.video_ids[0])[0])
+    assert torch.equal(val[0]["rgb"], original[i]["rgb"])  # the same clips, linked, not copied
+    with pytest.raises(ConfigError, match="has no 'val' split"):
+        EmbeddingSet(real["experts"], "val")
 
 
 def test_a_dataset_without_usable_videos_stops_the_run_before_training(real, tmp_path):

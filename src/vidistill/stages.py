@@ -237,7 +237,8 @@ def experts(cfg: ExpertsConfig, *, progress: bool = True, track: bool = True) ->
             scores[name] = {k: r[k] for k in ("top1", "top5", "mAP")}
         device = resolve_device(cfg.train.device)
         encoders = [load_model(out / name / "model.pt", device=str(device))[0] for name in names]
-        sets = [{split: ClipDataset(data, split) for split in ("train", "test")} for data in clips]
+        splits = [ClipDataset(data, "train").manifest["splits"] for data in clips]  # train, test (and val)
+        sets = [{split: ClipDataset(data, split) for split in available} for data, available in zip(clips, splits)]
         files = cache_embeddings(out, names=names, datasets=sets, encoders=encoders, batch_size=cfg.embed_batch_size,
                                  device=device)
         entries = [{"name": name, "clips": str(data), "data_hash": _manifest_hash(data), "classes": s["train"].classes,

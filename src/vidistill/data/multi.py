@@ -14,7 +14,8 @@ The experts folder (`experts.out`):
   expert's own `top1`, `top5`, `mAP` on its test split; `encoder_clips` (clips each encoder ran on).
 * `<name>/model.pt`: the expert (an encoder with its linear head) and its training outputs.
 * `embeddings/<name>/<split>.npz`: `e<j>` `(N, d_j)` float32 for every expert j, `labels` `(N,)` (the
-  dataset's own label space) and `video_ids` `(N,)`.
+  dataset's own label space) and `video_ids` `(N,)`; for every split of the dataset's prep output
+  (`train`, `test`, and `val` where `holdout_split` made one).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from vidistill.errors import ConfigError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # val: only in a prep output made by `holdout_split`
 
 
 def read_experts(folder: str | Path) -> dict[str, Any]:
@@ -144,35 +145,107 @@ def holdout_mask(labels: np.ndarray, video_ids: np.ndarray, fraction: float, *, 
 
 
 def holdout_split(clips: str | Path, out: str | Path, fraction: float, *, seed: int = 0) -> Path:
-    """A prep output whose train split is `clips`' training set without a held-out `fraction` of each class's
-    videos (`holdout_mask`), and whose test split is that held-out part: a validation split that neither the
-    experts nor a method trained on `out` ever sees (JEDI chose its hyperparameters on 15 %, sec. 4.4).
+    """A prep output with a validation split: `train` is `clips`' training set without a held-out `fraction`
+    of each class's videos (`holdout_mask`), `val` is that held-out part and `test` is `clips`' test split.
+    Experts and methods trained on `out` never see `val`, so hyperparameters can be chosen on it without
+    the test split (JEDI chose its own on 15 % of every training set, sec. 4.4).
 
-    The shards are not copied: both splits' shard files link to `clips`' training shards.
+    The shards are not copied: every split's shard files link to `clips`' shards.
 
     Raises:
         ConfigError: `clips` is not a prep output.
     """
     src, out = Path(clips), Path(out)
-    manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else None
-    if manifest is None:
+    if not (src / "manifest.json").is_file():
         raise ConfigError(f"{src} is not a prep output (no manifest.json); run `vidistill prep` first")
+    manifest = json.loads((src / "manifest.json").read_text())
     index = json.loads((src / "train" / "index.json").read_text())
-    labels = np.array([e["label"] for e in index])
-    held = holdout_mask(labels, np.array([e["video_id"] for e in index]), fraction, seed=seed)
-    parts = {"train": [e for e, h in zip(index, held) if not h], "test": [e for e, h in zip(index, held) if h]}
-    for split, entries in parts.items():
+    held = holdout_mask(np.array([e["label"] for e in index]), np.array([e["video_id"] for e in index]), fraction, seed=seed)
+    parts = {"train": ("train", [e for e, h in zip(index, held) if not h]), "val": ("train", [e for e, h in zip(index, held) if h]),
+             "test": ("test", json.loads((src / "test" / "index.json").read_text()))}
+    for split, (origin, entries) in parts.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         (out / split / "index.json").write_text(json.dumps(entries))
         for shard in {e["shard"] for e in entries}:
             link = out / split / f"clips-{shard:05d}.npy"
             link.unlink(missing_ok=True)
-            link.symlink_to((src / "train" / f"clips-{shard:05d}.npy").resolve())
-    manifest["splits"] = {s: {"clips": len(e), "videos": len({x["video_id"] for x in e})} for s, e in parts.items()}
-    manifest["hash"] = f"{manifest.get('hash', '')}-holdout{fraction:g}-{seed}"
+            link.symlink_to((src / origin / f"clips-{shard:05d}.npy").resolve())
+    manifest["splits"] = {s: {"clips": len(e), "videos": len({x["video_id"] for x in e})} for s, (_, e) in parts.items()}
+    manifest["hash"] = f"{manifest.get('hash', '')}-val{fraction:g}-{seed}"
     manifest["holdout"] = {"from": str(src), "fraction": fraction, "seed": seed}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
+
+
+class RandomClips(Dataset):
+    """`n` random RGB clips `(3, T, S, S)` in [0, 1] with labels cycling over `classes`, as `ClipDataset` gives
+    them (for `random_experts`)."""
+
+    def __init__(self, n: int, classes: Sequence[str], *, frames: int, size: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.rgb = torch.rand(n, 3, frames, size, size, generator=g)
+        self.classes = list(classes)
+        self.labels = np.arange(n) % len(self.classes)
+        self.video_ids = np.arange(n)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"rgb": self.rgb[i], "label": int(self.labels[i]), "index": i, "video_id": int(self.video_ids[i])}
+
+
+def random_experts(folder: str | Path, *, classes: Sequence[Sequence[str]], frames: int, size: int,
+                   preset: str = "r2plus1d_student", train: Sequence[int] = (), test: Sequence[int] = (),
+                   seed: int = 0) -> tuple[Path, list[dict[str, RandomClips]]]:
+    """An experts folder of untrained experts on random clips, one dataset per entry of `classes` (the first is
+    the main one): for training-throughput benchmarks and tests of multi-dataset methods, which need the
+    folder's shape, not trained experts.
+
+    Each expert's BatchNorm statistics are those of its training clips (as training leaves them), so its
+    eval-mode embeddings differ from clip to clip as a trained expert's do.
+
+    Args:
+        folder: where to write.
+        classes: every dataset's class names.
+        frames, size: T and H = W of the clips.
+        preset: the experts' model preset.
+        train, test: clips per dataset and split (default 2 per class and 1 per class).
+        seed: clips and initialisation.
+
+    Returns:
+        The folder and every dataset's splits (`{"train", "test"}` -> `RandomClips`).
+    """
+    from vidistill.models import create_model
+    from vidistill.train.artifacts import save_model
+
+    folder = Path(folder)
+    names = [f"d{i}" for i in range(len(classes))]
+    train = list(train) or [2 * len(c) for c in classes]
+    test = list(test) or [len(c) for c in classes]
+    sets = [{"train": RandomClips(n, c, frames=frames, size=size, seed=seed + 10 * i),
+             "test": RandomClips(m, c, frames=frames, size=size, seed=seed + 10 * i + 1)}
+            for i, (c, n, m) in enumerate(zip(classes, train, test, strict=True))]
+    encoders = []
+    for i, (name, c) in enumerate(zip(names, classes)):
+        torch.manual_seed(seed + i)
+        model = create_model(preset, num_classes=len(c), frames=frames, size=size)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over one pass
+        with torch.no_grad():
+            model.train()(sets[i]["train"].rgb)
+        for m in norms:
+            m.momentum = 0.1
+        save_model(folder / name / "model.pt", model, classes=list(c))
+        encoders.append(model.eval())
+    files = cache_embeddings(folder, names=names, datasets=sets, encoders=encoders, batch_size=8)
+    entries = [{"name": n, "clips": "", "data_hash": "", "classes": list(c), "expert": f"{n}/model.pt", "preset": preset,
+                "feature_dim": e.feature_dim, "splits": files[n], "top1": 0.0, "top5": 0.0, "mAP": 0.0}
+               for n, c, e in zip(names, classes, encoders)]
+    write_manifest(folder, {"main": names[0], "datasets": entries, "encoder_clips": sum(train) + sum(test)})
+    return folder, sets
 
 
 class EmbeddingSet(Dataset):
@@ -183,7 +256,7 @@ class EmbeddingSet(Dataset):
 
     Args:
         folder: the experts folder (`vidistill experts`).
-        split: "train" or "test".
+        split: "train", "test", or "val" (for datasets prepared with `holdout_split`).
 
     Attributes:
         names: dataset names (expert order, the main one first).
@@ -206,6 +279,9 @@ class EmbeddingSet(Dataset):
         self.widths = [int(d["feature_dim"]) for d in entries]
         embs, labels, datasets, videos = [], [], [], []
         for i, d in enumerate(entries):
+            if split not in d["splits"]:
+                raise ConfigError(f"dataset {d['name']} of {self.folder} has no {split!r} split (it has "
+                                  f"{', '.join(d['splits'])})")
             with np.load(self.folder / d["splits"][split]["file"], allow_pickle=False) as z:
                 e = np.concatenate([z[f"e{j}"] for j in range(len(entries))], axis=1)  # (N_i, D)
                 y, v = z["labels"], z["video_ids"]
