@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import hashlib
 import json
 import os
@@ -170,6 +171,9 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--bad-batch", type=int, default=None)
     args = ap.parse_args()
+    hang = float(os.environ.get("VIDISTILL_TEST_HANG_SECONDS", "0"))
+    if hang > 0:  # a hung collective prints where every thread waits, instead of a silent kill by the test
+        faulthandler.dump_traceback_later(hang, exit=True)
     torch.set_num_threads(1)  # 2 ranks on a 2-core machine: no oversubscription
     train_and_record(args.out, args.results, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                      stop_after=args.stop_after, resume=args.resume, bad_batch=args.bad_batch)

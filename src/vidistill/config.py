@@ -94,6 +94,9 @@ class PrepConfig:
         self.synth.validate()
 
 
+TVL1_COMPILE_MODES = ("off", "on", "graphs", "auto")
+
+
 @dataclass
 class FlowConfig:
     """TV-L1 optical flow for every clip from prep: `vidistill flow`."""
@@ -106,12 +109,15 @@ class FlowConfig:
     bound: float = 20.0  # uint8 storage clips flow to [-bound, bound] pixels
     workers: int = 2  # opencv backend processes / torch CPU threads
     tvl1: TVL1Params = field(default_factory=TVL1Params)  # OpenCV DualTVL1 names and defaults, checked on creation
+    tvl1_compile: str = "off"  # torch backend: off (eager) | on (torch.compile) | graphs (+ CUDA graphs) | auto (compiled on CUDA with Triton)
 
     def validate(self) -> None:
         _check(self.backend in ("torch", "opencv"), f"flow.backend must be 'torch' or 'opencv', got {self.backend!r}")
         _check(self.batch_size >= 1, f"flow.batch_size must be >= 1, got {self.batch_size}")
         _check(self.bound > 0, f"flow.bound must be > 0, got {self.bound}")
         _check(self.workers >= 1, f"flow.workers must be >= 1, got {self.workers}")
+        _check(self.tvl1_compile in TVL1_COMPILE_MODES, f"flow.tvl1_compile must be one of {', '.join(TVL1_COMPILE_MODES)}, "
+               f"got {self.tvl1_compile!r}")
 
 
 @dataclass

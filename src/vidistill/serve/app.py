@@ -55,7 +55,7 @@ from vidistill.data.video import VideoError, load_clips
 from vidistill.export.runtime import OUTPUT_NAMES, make_session, read_metadata
 from vidistill.serve.batching import Runner
 from vidistill.serve.metrics import ServerMetrics
-from vidistill.serve.options import DEFAULT_GRPC_PORT, DEFAULT_MAX_BODY_MB
+from vidistill.serve.defaults import DEFAULT_GRPC_PORT, DEFAULT_MAX_BODY_MB
 from vidistill.serve.protocol import FP32, INFERENCE_HEADER, ProtocolError, TensorSpec, parse_rest, rest_response
 
 MAX_CLASSIFY_CLIPS = 32

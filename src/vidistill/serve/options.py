@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_MAX_BODY_MB = 32.0
-DEFAULT_GRPC_PORT = 8081
+from vidistill.serve.defaults import DEFAULT_GRPC_PORT, DEFAULT_MAX_BODY_MB
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
