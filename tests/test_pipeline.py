@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PARAMS = load_params(ROOT / "params.yaml")
 METHODS = PARAMS["pipeline"]["methods"]
-GPU_EXECUTORS = {"exec-flow-op", "exec-teach-op", "exec-teach-op-2", "exec-teach-op-3", "exec-distill-op"}
+GPU_EXECUTORS = {"exec-flow-op", "exec-teach-op", "exec-teach-op-2", "exec-teach-op-3", "exec-experts-op", "exec-distill-op"}
 
 
 def _name(component) -> str:
@@ -236,6 +236,7 @@ def test_dvc_stages_mirror_the_dag():
                          text=True, check=True).stdout
     expected = {"prep", "prep_source", "flow", "teach_rgb", "teach_flow", "pretrain", "two_stream"}
     expected |= {f"distill@{m}" for m in METHODS} | {f"export@{m}" for m in METHODS}
+    expected |= {"experts"} if any("experts" in get_method(m).needs for m in METHODS) else set()  # multi-dataset methods
     assert set(out.split()) == expected
 
 

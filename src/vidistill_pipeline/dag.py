@@ -2,7 +2,8 @@
 
     prep(target) ──> flow ──> teach(flow) ──┐
         │    └─────────────> teach(rgb) ────┼──> ParallelFor(methods): distill ──> report ──> select best
-    prep(source) ──> teach(source encoder) ─┘                                              └─> export ──If(parity)──> register/promote
+        └──> experts (several datasets) ────┤                                              └─> export ──If(parity)──> register/promote
+    prep(source) ──> teach(source encoder) ─┘
                                    teach(rgb) + teach(flow) ──> evaluate (two-stream baseline) ──> report
                                                          every stage's MLflow run ──> track-stages (nests them under the parent run)
 
@@ -31,6 +32,7 @@ from vidistill_pipeline.components import (
     distill_op,
     end_pipeline_run_op,
     evaluate_op,
+    experts_op,
     export_op,
     flow_op,
     prep_op,
@@ -115,6 +117,7 @@ def vidistill_dag(
     model_name: str,
     promotion_margin: float,
     code_version: str,
+    experts_params: dict,
 ):
     """The stage graph. Compute tasks get `code_version`, side effects `parent_run_id`."""
     code = code_version
@@ -128,6 +131,9 @@ def vidistill_dag(
                                 flow=flow.outputs["flow"]), gpu=True).set_display_name("teach-flow")
     encoder = compute(teach_op(params=pretrain_params, code_version=code, modality="rgb", clips=src.outputs["clips"]),
                       gpu=True).set_display_name("pretrain-encoder")
+    # multi-dataset methods: one expert per dataset (no work unless a method of `methods` needs them)
+    experts = compute(experts_op(params=experts_params, code_version=code, methods=methods, clips=prep.outputs["clips"]),
+                      gpu=True).set_display_name("experts")
     two_stream = compute(evaluate_op(params=evaluate_params, code_version=code, clips=prep.outputs["clips"],
                                      flow=flow.outputs["flow"], rgb=rgb.outputs["model"],
                                      flow_model=temporal.outputs["model"])).set_display_name("two-stream")
@@ -135,7 +141,7 @@ def vidistill_dag(
         student = compute(distill_op(params=distill_params, code_version=code, method=method,
                                      clips=prep.outputs["clips"], flow=flow.outputs["flow"],
                                      teacher_rgb=rgb.outputs["model"], teacher_flow=temporal.outputs["model"],
-                                     pretrained=encoder.outputs["model"]), gpu=True)
+                                     pretrained=encoder.outputs["model"], experts=experts.outputs["experts"]), gpu=True)
         student.set_display_name("distill")
     # a Collected channel may be consumed once (kfp 2.17's compiler fails on a reused one): one per consumer
     report = compute(report_op(students=dsl.Collected(student.outputs["student"]),
@@ -148,13 +154,14 @@ def vidistill_dag(
                                 teacher_flow=temporal.outputs["model"], encoder=encoder.outputs["model"],
                                 two_stream=two_stream.outputs["report"],
                                 students=dsl.Collected(student.outputs["student"]), onnx=exported.outputs["onnx"],
-                                report=report.outputs["report"], page=report.outputs["page"])).set_display_name("track-stages")
+                                report=report.outputs["report"], page=report.outputs["page"],
+                                experts=experts.outputs["experts"])).set_display_name("track-stages")
     with dsl.If(exported.outputs["Output"] == True, name="parity-passed"):  # noqa: E712 - kfp condition syntax
         side_effect(register_op(params=register_params, parent_run_id=parent_run_id, onnx=exported.outputs["onnx"],
                                 model_name=model_name, margin=promotion_margin)).set_display_name("register-promote")
 
 
-STAGE_SECTIONS = ("prep", "flow", "teach", "pretrain", "distill", "evaluate", "export", "register")
+STAGE_SECTIONS = ("prep", "flow", "teach", "pretrain", "distill", "evaluate", "export", "register", "experts")
 PIPELINE_KEYS = ("methods", "model_name", "promotion_margin", "run_name")
 
 
@@ -212,6 +219,7 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         evaluate_params: dict,
         export_params: dict,
         register_params: dict,
+        experts_params: dict,
         methods: list = default_methods,
         model_name: str = default_model,
         promotion_margin: float = default_margin,
@@ -231,6 +239,7 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
                           flow_params=flow_params, teach_params=teach_params, pretrain_params=pretrain_params,
                           distill_params=distill_params, evaluate_params=evaluate_params, export_params=export_params,
                           register_params=register_params, methods=methods, model_name=model_name,
-                          promotion_margin=promotion_margin, code_version=code_version).set_display_name("vidistill-dag")
+                          promotion_margin=promotion_margin, code_version=code_version,
+                          experts_params=experts_params).set_display_name("vidistill-dag")
 
     return vidistill_pipeline

@@ -42,7 +42,7 @@ HEADER = """\
 
 # `vidistill <command>` -> the `vidistill.stages` function it calls
 COMMAND_STAGE = {"prep": "prep", "flow": "flow", "teach": "teach", "distill": "distill", "evaluate": "evaluate",
-                 "export": "export"}
+                 "export": "export", "experts": "experts"}
 DISPATCH = ("vidistill.cli", "vidistill.stages")  # modules followed per function, not as a whole
 
 
@@ -161,7 +161,7 @@ def _distill_inputs(params: dict[str, Any]) -> dict[str, str]:
     cfg = from_dict(DistillConfig, params.get("distill") or {}, where="distill.")
     pretrain_out = (params.get("pretrain") or {}).get("out", "runs/pretrain")
     return {"teacher_rgb": cfg.teacher_rgb, "teacher_flow": cfg.teacher_flow, "pretrained": f"{pretrain_out}/model.pt",
-            "flow": cfg.flow, "clips": cfg.clips}
+            "flow": cfg.flow, "clips": cfg.clips, "experts": cfg.experts}
 
 
 def _flag(field_name: str) -> str:
@@ -213,6 +213,8 @@ def build_dvc(params: dict[str, Any], root: Path) -> dict[str, Any]:
                        "deps": code["evaluate"] + ["runs/teacher_rgb/model.pt", "runs/teacher_flow/model.pt", clips, flow_out],
                        "params": ["evaluate"], "metrics": [{"runs/two_stream/metrics.json": uncached}]},
     }
+    if any("experts" in get_method(m).needs for m in methods):  # only when a method of the fan-out needs it
+        stages["experts"] = _experts_stage(params, code["experts"], clips)
     made = {o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s.get("outs", [])}
 
     paths = _distill_inputs(params)
@@ -260,6 +262,18 @@ def build_dvc(params: dict[str, Any], root: Path) -> dict[str, Any]:
                "outs": ["runs/distill/${item}/onnx"]},
     }
     return {"stages": stages}
+
+
+def _experts_stage(params: dict[str, Any], code: list[str], clips: str) -> dict[str, Any]:
+    """`vidistill experts`: the main clips and the folders of the datasets that are not generated (synthetic
+    ones are made from their `experts` params) or already prepared in, the experts folder out."""
+    section = params.get("experts") or {}
+    inputs = [section.get("clips", clips)]
+    for entry in section.get("datasets") or []:
+        if isinstance(entry, dict) and (entry.get("clips") or entry.get("dataset", "synthetic") != "synthetic"):
+            inputs.append(entry.get("clips") or entry.get("root") or f"data/raw/{entry.get('name')}")
+    return {"cmd": "vidistill experts --quiet", "deps": code + inputs, "params": ["experts"],
+            "outs": [section.get("out", "runs/experts")]}
 
 
 class _Dumper(yaml.SafeDumper):
