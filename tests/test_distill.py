@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from helpers_jedi import tiny_experts
 from vidistill.config import ConfigError, TrainConfig
 from vidistill.distill import DistillContext, create_distiller, get_method, list_methods, method_params, weighted_mean
 from vidistill.distill.d3d import d3d_loss
@@ -47,12 +48,14 @@ def teachers(tmp_path_factory):
                                          name="r2plus1d_student", kwargs=kw, classes=list("abc")))
     vit = create_model("vit_video_tiny", num_classes=K, frames=T, size=S)  # what `teach --pretext mvd` saves
     paths["mvd"] = str(save_model(d / "mvd.pt", vit, classes=list("abc"), extra={"pretext": "mvd"}))
+    paths["experts"] = str(tiny_experts(d / "experts", frames=T, size=S)[0])  # multi-dataset methods (jedi)
     return paths
 
 
 def _ctx(teachers, **kw):
     return DistillContext(num_classes=K, classes=list("abc"), frames=T, size=S, teacher_rgb=teachers["rgb"],
-                          teacher_flow=teachers["flow"], pretrained=teachers["rgb"], mvd_encoder=teachers["mvd"], **kw)
+                          teacher_flow=teachers["flow"], pretrained=teachers["rgb"], mvd_encoder=teachers["mvd"],
+                          experts=teachers["experts"], **kw)
 
 
 def _student():

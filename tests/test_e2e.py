@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 def _tasks(methods: list[str]) -> list[str]:
     """Every task a local run shows, by its display name (the fan-out with its method)."""
     return ["start-mlflow-run", "prep", "prep-source", "tvl1-flow", "teach-rgb", "teach-flow", "pretrain-encoder",
-            "two-stream", *(f"distill[{m}]" for m in methods), "comparison", "select-best", "export-onnx",
+            "two-stream", "experts", *(f"distill[{m}]" for m in methods), "comparison", "select-best", "export-onnx",
             "track-stages", "register-promote", "publish-report", "close-mlflow-run"]
 
 
@@ -29,7 +29,7 @@ def _tasks(methods: list[str]) -> list[str]:
 NOISE = ("Executing task", "Streamed logs", "executor_input", "KFP Executor", "no effect in the current local runner",
          "non-Python base image", "View run", "Traceback")
 COMPUTE_TASKS = ("prep", "prep-source", "tvl1-flow", "teach-rgb", "teach-flow", "pretrain-encoder", "two-stream",
-                 "comparison", "select-best", "export-onnx")
+                 "experts", "comparison", "select-best", "export-onnx")
 
 
 def _pipeline_run(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:

@@ -25,6 +25,7 @@ BIN = Path(sys.executable).parent
 PARAMS = load_params(ROOT / "params.yaml")
 METHODS = PARAMS["pipeline"]["methods"]
 GPU_EXECUTORS = {"exec-flow-shard-op", "exec-teach-op", "exec-teach-op-2", "exec-teach-op-3", "exec-distill-op",
+                 "exec-experts-op",
                  "exec-method-pretrain-op", "exec-method-pretrain-op-2", "exec-method-pretrain-op-3"}
 
 
@@ -281,6 +282,7 @@ def test_dvc_stages_mirror_the_dag():
                          text=True, check=True).stdout
     expected = {"prep", "prep_source", "flow", "teach_rgb", "teach_flow", "pretrain", "two_stream"}
     expected |= {f"distill@{m}" for m in METHODS} | {f"export@{m}" for m in METHODS}
+    expected |= {"experts"} if any("experts" in get_method(m).needs for m in METHODS) else set()  # multi-dataset methods
     assert set(out.split()) == expected
 
 

@@ -33,6 +33,7 @@ STAGE_CONFIGS: dict[str, tuple[str, type]] = {
     "prep": ("prep", C.PrepConfig),
     "flow": ("flow", C.FlowConfig),
     "teach": ("teach", C.TeachConfig),
+    "experts": ("experts", C.ExpertsConfig),
     "distill": ("distill", C.DistillConfig),
     "evaluate": ("evaluate", C.EvaluateConfig),
     "export": ("export", C.ExportConfig),
@@ -163,6 +164,16 @@ def cmd_teach(cfg: C.TeachConfig, args: argparse.Namespace) -> None:
     print(f"teach ({cfg.modality}): {_scores(s)} -> {s['model']}")
 
 
+def cmd_experts(cfg: C.ExpertsConfig, args: argparse.Namespace) -> None:
+    from vidistill import stages
+
+    m = stages.experts(cfg, progress=not args.quiet, track=not args.no_track)
+    for d in m["datasets"]:
+        print(f"experts: {d['name']}: {len(d['classes'])} classes, {d['splits']['train']['clips']} train clips, "
+              f"expert top1 {d['top1']:.3f} -> {cfg.out}/{d['expert']}")
+    print(f"experts: every expert ran once over {m['encoder_clips']} clips; embeddings cached in {cfg.out}/embeddings")
+
+
 def cmd_distill(cfg: C.DistillConfig, args: argparse.Namespace) -> None:
     from vidistill import stages
 
@@ -198,7 +209,7 @@ def cmd_register(cfg: C.RegisterConfig, args: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
-    "synth": cmd_synth, "prep": cmd_prep, "flow": cmd_flow, "teach": cmd_teach, "distill": cmd_distill,
+    "synth": cmd_synth, "prep": cmd_prep, "flow": cmd_flow, "teach": cmd_teach, "experts": cmd_experts, "distill": cmd_distill,
     "evaluate": cmd_evaluate, "export": cmd_export, "register": cmd_register,
 }
 HELP = {
@@ -206,6 +217,7 @@ HELP = {
     "prep": "decode videos into fixed-size uint8 clip shards + manifest",
     "flow": "TV-L1 optical flow for every clip (stored as uint8, bound 20)",
     "teach": "train a teacher (RGB or flow stream) and evaluate it",
+    "experts": "one expert per dataset (main + experts.datasets), frozen, and their cached embeddings of every dataset (jedi)",
     "distill": "train an RGB student with a distillation method (--method; see `vidistill methods`)",
     "export": "export a student to ONNX (dynamic batch) and check parity with PyTorch; fails loudly on mismatch",
     "register": "register an exported student in the MLflow registry and run the promotion gate",

@@ -23,7 +23,7 @@ from vidistill.errors import ConfigError
 from vidistill.flow.params import TVL1Params
 from vidistill.schema import flatten, from_dict, set_dotted, to_dict
 
-__all__ = ["ClusterConfig", "ConfigError", "DistillConfig", "EvaluateConfig", "ExportConfig", "FlowConfig",
+__all__ = ["ClusterConfig", "ConfigError", "DistillConfig", "EvaluateConfig", "ExpertsConfig", "ExportConfig", "FlowConfig",
            "PipelineConfig", "PrepConfig", "RegisterConfig", "SynthConfig", "TeachConfig", "TrainConfig", "flatten",
            "from_dict", "load_params", "params_hash", "set_dotted", "to_dict", "validate_k8s_name",
            "validate_model_name", "validate_pipeline_params"]
@@ -186,6 +186,7 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2); MAE/VideoMAE/MVD use 0.9, 0.95
     optimizer: str = "adamw"  # adamw | sgd
     warmup_epochs: int = 1
+    schedule: str = "cosine"  # cosine: linear warm-up then cosine decay | constant: linear warm-up then constant
     label_smoothing: float = 0.0
     hflip: bool = False  # off by default: synthetic classes are left/right motions
     seed: int = 0
@@ -208,6 +209,7 @@ class TrainConfig:
         _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
                f"betas must be two numbers in [0, 1), e.g. 0.9,0.95, got {self.betas!r}")
         _check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1, f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
+        _check(self.schedule in ("cosine", "constant"), f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
@@ -282,6 +284,7 @@ class DistillConfig:
     teacher_flow: str = "runs/teacher_flow/model.pt"
     pretrained: str = ""  # model.pt of a pre-trained encoder (sd)
     mvd_encoder: str = "runs/mvd/student/model.pt"  # model.pt of the masked-pre-trained ViT that mvd fine-tunes
+    experts: str = "runs/experts"  # `vidistill experts` output: experts of several datasets, cached embeddings (jedi)
     resume: bool = False  # continue from out/checkpoints/last.pt; refused when it was made with other data or settings
     restart_if_stale: bool = False  # with resume: start over instead of refusing a checkpoint that does not match (DVC)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -378,6 +381,94 @@ class RegisterConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# several datasets (multi-dataset methods: jedi)
+
+# prep keys every dataset of the list takes from the main dataset: every expert runs on every dataset's clips
+CLIP_GEOMETRY = ("frames", "stride", "short_side", "crop", "short_policy", "clips_per_video_train", "clips_per_video_test")
+
+
+@dataclass
+class ExpertsConfig:
+    """One expert per dataset, frozen, and their embeddings of every dataset's clips: `vidistill experts`.
+
+    The main dataset is prep's output (`clips`): its expert's student is the product that is exported and
+    promoted. `datasets` lists the others; each entry is a mapping with a `name` and either any `prep` key but
+    the clip geometry, which every dataset takes from the main one (`CLIP_GEOMETRY`), e.g.
+    `{name: synthetic_d1, dataset: synthetic, synth: {domain: 1, seed: 1}}` or
+    `{name: mine, dataset: folder, root: /videos/mine}` (defaults: `root` = `data/raw/<name>`, `out` =
+    `<experts.out>/clips/<name>`), or `clips`, an existing prep output of the same clip geometry. Label
+    spaces are per dataset, so class names may overlap.
+    """
+
+    clips: str = "data/clips"  # the main dataset (prep's output)
+    name: str = "main"  # the main dataset's name in metrics and file names
+    datasets: list = field(default_factory=list)  # the other datasets (see above)
+    out: str = "runs/experts"
+    model: str = "r2plus1d_student"  # every expert's preset (its features are the cached embeddings)
+    embed_batch_size: int = 32  # clips per batch of the embedding pass
+    resume: bool = False  # reuse an expert whose model.pt was trained on the same clips with the same settings
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        import re
+
+        from vidistill.models import list_models
+
+        names = [self.name]
+        _check(bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.name)), f"experts.name must be a letter then letters, digits "
+               f"or _, got {self.name!r}")
+        for i, entry in enumerate(self.datasets):
+            where = f"experts.datasets[{i}]"
+            _check(isinstance(entry, dict), f"{where} must be a mapping with a name and prep keys (dataset, root, split, "
+                   f"synth...), got {entry!r}; set it in params.yaml")
+            name = entry.get("name")
+            _check(isinstance(name, str) and bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name)),
+                   f"{where}.name must be a letter then letters, digits or _, got {name!r}")
+            _check(name not in names, f"{where}.name {name!r} is used twice; every dataset needs its own name")
+            names.append(name)
+            if "clips" in entry:  # an existing prep output
+                extra = sorted(set(entry) - {"name", "clips"})
+                _check(not extra, f"{where} names prep output {entry['clips']!r} and prep keys {', '.join(extra)}; give "
+                       "either `clips` (an existing prep output) or prep keys (videos to prepare)")
+                continue
+            fixed = sorted(set(entry) & set(CLIP_GEOMETRY))
+            _check(not fixed, f"{where} sets {', '.join(fixed)}: every dataset takes the clip geometry of the main dataset "
+                   "(prep), because every expert runs on every dataset's clips; remove them")
+            try:
+                dataset_prep(self, i).validate()
+            except ConfigError as exc:
+                raise ConfigError(f"{where} ({name}): {exc}") from None
+        _check(len(names) >= 2, "experts.datasets is empty: a multi-dataset method needs at least one dataset besides "
+               "the main one")
+        _check(self.embed_batch_size >= 1, f"experts.embed_batch_size must be >= 1, got {self.embed_batch_size}")
+        _check(self.model in list_models(), f"experts.model {self.model!r} is not a registered model; choose one of: "
+               f"{', '.join(list_models())}")
+        self.train.validate()
+
+
+def dataset_prep(cfg: ExpertsConfig, i: int, geometry: dict[str, Any] | None = None) -> PrepConfig:
+    """The prep configuration of `cfg.datasets[i]`: its keys over the defaults, the clip `geometry` (a
+    prep manifest's `params`, i.e. the main dataset's) over both. A synthetic dataset also takes the main
+    dataset's generator settings (videos per class, frames, size, codec) unless it sets them; its
+    `domain` and `seed` are its own.
+
+    Raises:
+        ConfigError: an unknown key or a bad value, named as `experts.datasets[i].<key>`.
+    """
+    entry = {k: v for k, v in cfg.datasets[i].items() if k != "name"}
+    name = cfg.datasets[i]["name"]
+    entry.setdefault("root", f"data/raw/{name}")
+    entry.setdefault("out", f"{cfg.out}/clips/{name}")
+    inherited = {k: v for k, v in ((geometry or {}).get("synth") or {}).items() if k not in ("out", "domain", "seed")}
+    entry["synth"] = {**inherited, "out": entry["root"], **dict(entry.get("synth") or {})}
+    prep = from_dict(PrepConfig, entry, where=f"experts.datasets[{i}].")
+    for key in CLIP_GEOMETRY:
+        if geometry and key in geometry:
+            setattr(prep, key, geometry[key])
+    return prep
+
+
+# ----------------------------------------------------------------------------------------------
 # the pipeline (`vidistill pipeline ...`, `vidistill demo`)
 
 # GPU node pools the Kubeflow pipeline can schedule onto (the orchestration's dag.GPU_POOLS holds their labels)
@@ -457,6 +548,7 @@ def _validate_section(section: str, cls: type, data: dict[str, Any] | None) -> N
 PIPELINE_SECTIONS: dict[str, type] = {
     "prep": PrepConfig, "flow": FlowConfig, "teach": TeachConfig, "pretrain": TeachConfig, "distill": DistillConfig,
     "evaluate": EvaluateConfig, "export": ExportConfig, "register": RegisterConfig,
+    "experts": ExpertsConfig,  # multi-dataset methods (jedi)
 }
 MVD_PRETRAIN_STAGES = ("image_teacher", "video_teacher", "student")  # params.yaml mvd_pretrain.<stage>: `teach` sections
 

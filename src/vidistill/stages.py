@@ -25,6 +25,7 @@ import numpy as np
 from vidistill.config import (
     DistillConfig,
     EvaluateConfig,
+    ExpertsConfig,
     ExportConfig,
     FlowConfig,
     PrepConfig,
@@ -329,6 +330,15 @@ def teach(cfg: TeachConfig, *, progress: bool = True, track: bool = True,
                                    fingerprint=fingerprint)
 
 
+def _folder_hashes(files: dict[str, str]) -> dict[str, str]:
+    """Content hash of the manifest of each folder a method reads (e.g. JEDI's experts folder), for the
+    resume check: `_fingerprint` hashes model files only."""
+    from vidistill.train.checkpoint import file_sha256
+
+    return {f"{name}_manifest_sha256": file_sha256(Path(path) / "manifest.json") for name, path in files.items()
+            if path and (Path(path) / "manifest.json").is_file()}
+
+
 def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
             stop_after_epochs: int | None = None) -> dict[str, Any]:
     """Train a student with a distillation method (`vidistill distill --method KEY`), then evaluate it.
@@ -343,27 +353,88 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
 
     method = get_method(cfg.method)
     params = method_params(cfg.method, cfg.methods.get(cfg.method))
+    train_cfg = method.train_config(params, cfg.train)
     train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None)
     files = {n: getattr(cfg, n) for n in method.needed_files(params)}  # only what the method reads reaches it
     ctx = DistillContext(num_classes=train_set.num_classes, classes=train_set.classes, frames=train_set.frames,
                          size=train_set.size, label_smoothing=cfg.train.label_smoothing, **files)
     torch_seed(cfg.train.seed)
     task = method(method.build_student(params, ctx, default=cfg.student), params, ctx)
+    train_set = task.train_dataset(train_set)
     teacher_run = ""
     for path in files.values():
-        if path and Path(path).exists():
+        if path and Path(path).is_file():
             teacher_run = load_checkpoint(path)["extra"].get("run_id") or teacher_run
     tags = {"data_hash": _manifest_hash(cfg.clips), "method": cfg.method,
             "teacher_run_id": teacher_run or "none"}
     fingerprint = _fingerprint(train_set, task.student, cfg.clips, flow=cfg.flow if method.needs_flow else None,
-                               files=files, method=cfg.method, method_params=asdict(params))
+                               files=files, method=cfg.method, method_params=asdict(params),
+                               **_folder_hashes(files))
     with _training_run(f"distill_{cfg.method}", cfg, tags=tags, track=track, fingerprint=fingerprint) as (run, resume):
-        result = _train_and_evaluate(task, task.export_model, train_set=train_set, train_cfg=cfg.train,
+        result = _train_and_evaluate(task, task.export_model, train_set=train_set, train_cfg=train_cfg,
                                      out=Path(cfg.out), clips=cfg.clips, flow_dir=cfg.flow, resume=resume,
                                      progress=progress, run=run, stop_after_epochs=stop_after_epochs,
                                      extra={"modality": "rgb", "method": cfg.method}, fingerprint=fingerprint)
     result["method"] = cfg.method
     return result
+
+
+def experts(cfg: ExpertsConfig, *, progress: bool = True, track: bool = True) -> dict[str, Any]:
+    """One expert per dataset, frozen, and every expert's cached embeddings of every dataset (`vidistill experts`).
+
+    Prepares every dataset of `cfg.datasets` with prep, in the main dataset's clip geometry, and stops with
+    a message naming a dataset without usable videos before anything trains; trains one expert per dataset
+    (`teach`: `cfg.model` with cross-entropy on that dataset, the main one on `cfg.clips`); then runs every
+    expert once over every dataset's train and test clips and writes the experts folder
+    (`vidistill.data.multi`). Returns its manifest.
+    """
+    cfg.validate()
+    from vidistill.config import TeachConfig, dataset_prep
+    from vidistill.data import ClipDataset
+    from vidistill.data.multi import MANIFEST, cache_embeddings, write_manifest
+    from vidistill.errors import ConfigError
+    from vidistill.train import load_model, resolve_device
+
+    out = Path(cfg.out)
+    (out / MANIFEST).unlink(missing_ok=True)  # a folder with a manifest is complete
+    main = ClipDataset(cfg.clips, "train")  # the main dataset exists
+    names, clips = [cfg.name], [cfg.clips]
+    with tracked("experts", cfg, tags={"data_hash": _manifest_hash(cfg.clips)}, track=track) as run:
+        for i, entry in enumerate(cfg.datasets):
+            if "clips" in entry:  # already prepared: same geometry as the main dataset
+                data = ClipDataset(entry["clips"], "train")
+                if (data.frames, data.size) != (main.frames, main.size):
+                    raise ConfigError(f"experts.datasets[{i}] ({entry['name']}): clips {entry['clips']} are "
+                                      f"{data.frames}x{data.size}px, the main dataset's {main.frames}x{main.size}px; "
+                                      "prepare both with the same frames and crop")
+            else:
+                pcfg = dataset_prep(cfg, i, main.manifest["params"])
+                try:
+                    prep(pcfg, progress=progress, track=False)
+                except ConfigError as exc:  # e.g. no usable videos: stop before any expert trains
+                    raise ConfigError(f"experts.datasets[{i}] ({entry['name']}, {pcfg.dataset} at {pcfg.root}): {exc}") from None
+            names.append(entry["name"])
+            clips.append(entry.get("clips") or pcfg.out)
+        scores = {}
+        for name, data in zip(names, clips):
+            r = teach(TeachConfig(clips=data, out=str(out / name), model=cfg.model, resume=cfg.resume, train=cfg.train),
+                      progress=progress, track=False)
+            scores[name] = {k: r[k] for k in ("top1", "top5", "mAP")}
+        device = resolve_device(cfg.train.device)
+        encoders = [load_model(out / name / "model.pt", device=str(device))[0] for name in names]
+        splits = [ClipDataset(data, "train").manifest["splits"] for data in clips]  # train, test (and val)
+        sets = [{split: ClipDataset(data, split) for split in available} for data, available in zip(clips, splits)]
+        files = cache_embeddings(out, names=names, datasets=sets, encoders=encoders, batch_size=cfg.embed_batch_size,
+                                 device=device)
+        entries = [{"name": name, "clips": str(data), "data_hash": _manifest_hash(data), "classes": s["train"].classes,
+                    "expert": f"{name}/model.pt", "preset": cfg.model, "feature_dim": enc.feature_dim, "splits": files[name],
+                    **scores[name]} for name, data, s, enc in zip(names, clips, sets, encoders)]
+        manifest = {"main": cfg.name, "datasets": entries,
+                    "encoder_clips": sum(len(ds) for s in sets for ds in s.values())}
+        write_manifest(out, manifest)
+        run.log_metrics(_numeric({f"{n}_expert_{k}": v for n, s in scores.items() for k, v in s.items()}))
+        run.log_artifact(out / MANIFEST)
+    return manifest
 
 
 def torch_seed(seed: int) -> None:
@@ -476,6 +547,7 @@ STAGES: dict[str, tuple[type, Any]] = {
     "prep": (PrepConfig, prep),
     "flow": (FlowConfig, flow),
     "teach": (TeachConfig, teach),
+    "experts": (ExpertsConfig, experts),
     "distill": (DistillConfig, distill),
     "evaluate": (EvaluateConfig, evaluate),
     "export": (ExportConfig, export),

@@ -133,9 +133,37 @@ def method_pretrain_op(params: dict, section: str, code_version: str, methods: l
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def experts_op(params: dict, code_version: str, methods: list, clips: Input[Dataset], experts: Output[Artifact]):
+    """One expert per dataset and their cached embeddings (`vidistill.stages.experts`), for the methods that
+    need them (`"experts"` in their `needs`); without such a method in `methods` it does no work and writes a
+    manifest saying so.
+
+    `experts.metadata`: the datasets, every expert's top-1 on its test split, `mlflow_run_id`.
+    """
+    from pathlib import Path
+
+    import mlflow
+
+    from vidistill import stages
+    from vidistill.data.multi import write_manifest
+    from vidistill.distill import get_method
+
+    if not any("experts" in get_method(m).needs for m in methods):
+        Path(experts.path).mkdir(parents=True, exist_ok=True)
+        write_manifest(experts.path, {"datasets": [], "skipped": "no method of pipeline.methods needs experts"})
+        experts.metadata.update({"datasets": [], "skipped": True})
+        return
+    manifest = stages.run("experts", params, clips=clips.path, out=experts.path)
+    experts.metadata.update({"datasets": [d["name"] for d in manifest["datasets"]],
+                             **{f"{d['name']}_expert_top1": float(d["top1"]) for d in manifest["datasets"]},
+                             "mlflow_run_id": mlflow.last_active_run().info.run_id})
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def distill_op(params: dict, code_version: str, method: str, clips: Input[Dataset], flow: Input[Dataset],
                teacher_rgb: Input[Model], teacher_flow: Input[Model], pretrained: Input[Model],
                mvd_encoder: Input[Model],
+               experts: Input[Artifact],
                student: Output[Model], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
     """Distil an RGB student with `method` (`vidistill.stages.distill`) and evaluate it; `student.path`
     holds model.pt, eval/metrics.json and the per-epoch training history (history.json).
@@ -153,7 +181,8 @@ def distill_op(params: dict, code_version: str, method: str, clips: Input[Datase
                         teacher_rgb=str(Path(teacher_rgb.path) / "model.pt"),
                         teacher_flow=str(Path(teacher_flow.path) / "model.pt"),
                         pretrained=str(Path(pretrained.path) / "model.pt"),
-                        mvd_encoder=str(Path(mvd_encoder.path) / "model.pt"), progress=True)
+                        mvd_encoder=str(Path(mvd_encoder.path) / "model.pt"), experts=experts.path,
+                        progress=True)
     (Path(student.path) / "history.json").write_text(json.dumps(result["history"]))
     evaluation = json.loads((Path(student.path) / "eval" / "metrics.json").read_text())  # this task's own output
     scores = {k: float(evaluation[k]) for k in ("top1", "mean_class_accuracy", "top5", "mAP")}
@@ -314,7 +343,8 @@ def track_stages_op(parent_run_id: str, clips: Input[Dataset], source_clips: Inp
                     teacher_rgb: Input[Model], teacher_flow: Input[Model], encoder: Input[Model],
                     two_stream: Input[Artifact], students: Input[List[Model]], onnx: Input[Model],
                     index: Output[Artifact], image_teacher: Input[Model] = None,
-                    video_teacher: Input[Model] = None, masked_student: Input[Model] = None):
+                    video_teacher: Input[Model] = None, masked_student: Input[Model] = None,
+                    experts: Input[Artifact] = None):
     """Nest the stages' MLflow runs under the pipeline's parent run and write `index` (JSON: every stage's
     artifact URI, metadata and MLflow run id), so a local run finds its outputs even where tasks were
     served from the cache."""
@@ -325,6 +355,8 @@ def track_stages_op(parent_run_id: str, clips: Input[Dataset], source_clips: Inp
 
     stages = {"prep": clips, "prep_source": source_clips, "flow": flow, "teach_rgb": teacher_rgb,
               "teach_flow": teacher_flow, "pretrain": encoder, "two_stream": two_stream, "export": onnx}
+    if experts is not None:
+        stages["experts"] = experts
     stages.update({f"distill_{s.metadata['method']}": s for s in students})
     stages.update({name: a for name, a in (("masked_image_teacher", image_teacher), ("masked_video_teacher", video_teacher),
                                            ("masked_student", masked_student))
@@ -356,5 +388,6 @@ def end_pipeline_run_op(job_id: str, status: dsl.PipelineTaskFinalStatus):
     end_pipeline_job(job_id, "FINISHED" if status.state == "SUCCEEDED" else "FAILED")
 
 
-COMPUTE = (prep_op, teach_op, method_pretrain_op, distill_op, evaluate_op, report_op, select_best_op, export_op, not_registered_op)
+COMPUTE = (prep_op, teach_op, method_pretrain_op, experts_op, distill_op, evaluate_op, report_op, select_best_op,
+           export_op, not_registered_op)
 SIDE_EFFECTS = (register_op, publish_report_op, track_stages_op, start_pipeline_run_op, end_pipeline_run_op)

@@ -2,6 +2,7 @@
 
     prep(target) ──> flow ──> teach(flow) ──┐
         │    └─────────────> teach(rgb) ────┼──> ParallelFor(methods): distill ──> comparison ──> select best
+        └──> experts (several datasets) ────┤
     prep(source) ──> teach(source encoder) ─┤                                              └─> export ──If(parity)──> register/promote
     prep(target) ──> masked image teacher ──┬─> masked video distillation (mvd_encoder) ──┘
                  └─> masked video teacher ──┘   (each a marker only, when no method of `methods` needs mvd_encoder)
@@ -41,6 +42,7 @@ from vidistill_pipeline.components import (
     distill_op,
     end_pipeline_run_op,
     evaluate_op,
+    experts_op,
     export_op,
     method_pretrain_op,
     not_registered_op,
@@ -164,6 +166,7 @@ def vidistill_dag(
     methods: list,
     code_version: str,
     mvd_pretrain_params: dict,
+    experts_params: dict,
     shards: int = 1,
 ):
     """The stage graph. Compute tasks get `code_version`, side effects `parent_run_id`."""
@@ -187,6 +190,9 @@ def vidistill_dag(
     masked_student = compute(method_pretrain_op(section="student", image_teacher=image_teacher.outputs["model"],
                                                 video_teacher=video_teacher.outputs["model"], **masked), gpu=True)
     masked_student.set_display_name("masked-video-distillation")
+    # multi-dataset methods: one expert per dataset (no work unless a method of `methods` needs them)
+    experts = compute(experts_op(params=experts_params, code_version=code, methods=methods, clips=prep.outputs["clips"]),
+                      gpu=True).set_display_name("experts")
     two_stream = compute(evaluate_op(params=evaluate_params, code_version=code, clips=prep.outputs["clips"],
                                      flow=flow.outputs["flow"], rgb=rgb.outputs["model"],
                                      flow_model=temporal.outputs["model"])).set_display_name("two-stream")
@@ -194,7 +200,8 @@ def vidistill_dag(
         student = compute(distill_op(params=distill_params, code_version=code, method=method,
                                      clips=prep.outputs["clips"], flow=flow.outputs["flow"],
                                      teacher_rgb=rgb.outputs["model"], teacher_flow=temporal.outputs["model"],
-                                     pretrained=encoder.outputs["model"], mvd_encoder=masked_student.outputs["model"]),
+                                     pretrained=encoder.outputs["model"], mvd_encoder=masked_student.outputs["model"],
+                                     experts=experts.outputs["experts"]),
                           gpu=True)
         student.set_display_name("distill")
     # a Collected channel may be consumed once (kfp 2.17's compiler fails on a reused one): one per consumer
@@ -213,7 +220,8 @@ def vidistill_dag(
                                 students=dsl.Collected(student.outputs["student"]),
                                 onnx=exported.outputs["onnx"], image_teacher=image_teacher.outputs["model"],
                                 video_teacher=video_teacher.outputs["model"],
-                                masked_student=masked_student.outputs["model"])).set_display_name("track-stages")
+                                masked_student=masked_student.outputs["model"],
+                                experts=experts.outputs["experts"])).set_display_name("track-stages")
     with dsl.If(exported.outputs["Output"] == True, name="parity-passed"):  # noqa: E712 - kfp condition syntax
         registered = side_effect(register_op(params=register_params, parent_run_id=parent_run_id,
                                              onnx=exported.outputs["onnx"])).set_display_name("register-promote")
@@ -224,7 +232,8 @@ def vidistill_dag(
                                   decision=dsl.OneOf(registered.output, refused.output))).set_display_name("publish-report")
 
 
-STAGE_SECTIONS = ("prep", "flow", "teach", "pretrain", "distill", "evaluate", "export", "register", "mvd_pretrain")
+STAGE_SECTIONS = ("prep", "flow", "teach", "pretrain", "distill", "evaluate", "export", "register", "mvd_pretrain",
+                  "experts")
 PIPELINE_KEYS = ("methods", "run_name", "shards")  # params.yaml `pipeline` keys that are pipeline parameters
 
 
@@ -283,6 +292,7 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         export_params: dict,
         register_params: dict,
         mvd_pretrain_params: dict,
+        experts_params: dict,
         methods: list = default_methods,
         run_name: str = default_run,
         code_version: str = code_version,
@@ -303,6 +313,7 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
                           distill_params=distill_params, evaluate_params=evaluate_params, export_params=export_params,
                           register_params=register_params, methods=methods,
                           code_version=code_version,
-                          mvd_pretrain_params=mvd_pretrain_params, shards=shards).set_display_name("vidistill-dag")
+                          mvd_pretrain_params=mvd_pretrain_params, experts_params=experts_params,
+                          shards=shards).set_display_name("vidistill-dag")
 
     return vidistill_pipeline

@@ -56,7 +56,7 @@ HEADER = """\
 
 # `vidistill <command>` -> the `vidistill.stages` function it calls
 COMMAND_STAGE = {"prep": "prep", "flow": "flow", "teach": "teach", "distill": "distill", "evaluate": "evaluate",
-                 "export": "export"}
+                 "export": "export", "experts": "experts"}
 DISPATCH = ("vidistill.cli", "vidistill.stages")  # modules followed per function, not as a whole
 
 
@@ -175,7 +175,8 @@ def _distill_inputs(params: dict[str, Any]) -> dict[str, str]:
     cfg = from_dict(DistillConfig, params.get("distill") or {}, where="distill.")
     pretrain_out = (params.get("pretrain") or {}).get("out", "runs/pretrain")
     return {"teacher_rgb": cfg.teacher_rgb, "teacher_flow": cfg.teacher_flow, "pretrained": f"{pretrain_out}/model.pt",
-            "mvd_encoder": cfg.mvd_encoder, "flow": cfg.flow, "clips": cfg.clips}
+            "mvd_encoder": cfg.mvd_encoder, "flow": cfg.flow, "clips": cfg.clips,
+            "experts": cfg.experts}
 
 
 def _masked_pretrain_stages(params: dict[str, Any], methods: list[str], clips: str, teacher: Any) -> dict[str, Any]:
@@ -246,6 +247,8 @@ def build_dvc(params: dict[str, Any], root: Path) -> dict[str, Any]:
                        "params": ["evaluate"], "metrics": ["runs/two_stream/metrics.json"]},
     }
     stages.update(_masked_pretrain_stages(params, methods, clips, teacher))
+    if any("experts" in get_method(m).needs for m in methods):  # only when a method of the fan-out needs it
+        stages["experts"] = _experts_stage(params, code["experts"], clips)
     made = {o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s.get("outs", [])}
 
     paths = _distill_inputs(params)
@@ -293,6 +296,18 @@ def build_dvc(params: dict[str, Any], root: Path) -> dict[str, Any]:
                "outs": ["runs/distill/${item}/onnx"]},
     }
     return {"stages": stages}
+
+
+def _experts_stage(params: dict[str, Any], code: list[str], clips: str) -> dict[str, Any]:
+    """`vidistill experts`: the main clips and the folders of the datasets that are not generated (synthetic
+    ones are made from their `experts` params) or already prepared in, the experts folder out."""
+    section = params.get("experts") or {}
+    inputs = [section.get("clips", clips)]
+    for entry in section.get("datasets") or []:
+        if isinstance(entry, dict) and (entry.get("clips") or entry.get("dataset", "synthetic") != "synthetic"):
+            inputs.append(entry.get("clips") or entry.get("root") or f"data/raw/{entry.get('name')}")
+    return {"cmd": "vidistill experts --quiet", "deps": code + inputs, "params": ["experts"],
+            "outs": [section.get("out", "runs/experts")]}
 
 
 class _Dumper(yaml.SafeDumper):

@@ -25,6 +25,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pipeline.source_prep.frames": 10, "pipeline.source_prep.synth.frames": 12, "pretrain.pretext_frames": 4,
         "flow.tvl1.nscales": 2, "flow.tvl1.warps": 2, "flow.tvl1.outer_iterations": 2, "flow.tvl1.inner_iterations": 5,
         "teach.model": "r2plus1d_student", "teach.train.epochs": 1, "pretrain.train.epochs": 1, "distill.train.epochs": 1,
+        # multi-dataset methods: the experts, and JEDI's own schedule (500 epochs by default, not distill.train's)
+        "experts.train.epochs": 1, "distill.methods.jedi.epochs": 2, "distill.methods.jedi.burn_in": 1,
     },
     "demo": {},
     "large": {
@@ -128,6 +130,8 @@ def resolve_params(params_file: str | Path = "params.yaml", *, profile: str = "d
         def to_absolute(d: Any) -> Any:
             if isinstance(d, dict):
                 return {k: to_absolute(v) for k, v in d.items()}
+            if isinstance(d, list):  # e.g. experts.datasets
+                return [to_absolute(v) for v in d]
             if isinstance(d, str) and re.match(r"^(data|runs)/", d):
                 return str(root / d)
             return d

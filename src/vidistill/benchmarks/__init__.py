@@ -1,7 +1,7 @@
 """`vidistill bench ...`: benchmarks whose numbers go into the README, always with the machine named.
 
 The benchmarks live here, outside the stage modules: `prep` (`benchmarks/prep.py`), `methods`
-(`benchmarks/methods.py`), `mvd` (`benchmarks/mvd.py`), `train` and `ort` (`benchmarks/train.py`,
+(`benchmarks/methods.py`), `mvd` (`benchmarks/mvd.py`), `jedi` (`benchmarks/jedi.py`), `train` and `ort` (`benchmarks/train.py`,
 `benchmarks/ort.py`: the GPU check's), the model zoo's latency (`python -m vidistill.benchmarks.models`);
 `flow` and `serve` are still in `vidistill/flow/bench.py` and `vidistill/serve/bench.py`. `run_bench`
 dispatches by name through `BENCHMARKS`.
@@ -25,6 +25,8 @@ BENCHMARKS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mvd": ("vidistill.benchmarks.mvd", "bench_mvd",
             {"seeds": 1, "videos_per_class": 6, "labelled_per_class": 2, "teacher_epochs": 1, "mvd_epochs": 1,
              "finetune_epochs": 1}),
+    "jedi": ("vidistill.benchmarks.jedi", "bench_jedi",
+             {"seeds": 1, "videos_per_class": 4, "expert_epochs": 1, "epochs": 3, "burn_in": 1, "lrs": (1e-3,)}),
     # the GPU check (issue 19): training throughput per precision, ONNX Runtime per provider
     "train": ("vidistill.benchmarks.train", "bench_train",
               {"methods": ("none",), "precisions": ("fp32",), "batch_size": 2, "steps": 2, "warmup": 1}),
@@ -139,7 +141,7 @@ def run_bench(what: str, *, quick: bool = False, overrides: list[str] | None = N
         for r in rows:
             table.add_row(*[f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "–")) for c in cols])
         console.print(table)
-    for key in ("latency", "ratios", "skipped_methods"):
+    for key in ("latency", "ratios", "skipped_methods", "lr", "verdict"):
         if results.get(key):
             console.print(f"{key}: {results[key]}")
     return results

@@ -31,7 +31,8 @@ def make_task(kind: str, *, teacher: str, student: str, num_classes: int, frames
         kind: "teacher" (`Supervised` on the teacher preset) or a distillation method key (its student,
             built as `vidistill distill` builds it, in the method's task; the files the method `needs` are fresh
             models saved under `workdir` with `save_model`: an RGB teacher of the `teacher` preset, a
-            flow teacher and a pre-trained encoder of the `student` preset, as `bench methods` uses).
+            flow teacher and a pre-trained encoder of the `student` preset, as `bench methods` uses; untrained
+            experts of the `student` preset for multi-dataset methods, `data.multi.random_experts`).
         teacher, student: model presets; num_classes, frames (T), size (H = W): the clips.
         workdir: where the needed model files go.
 
@@ -63,6 +64,11 @@ def make_task(kind: str, *, teacher: str, student: str, num_classes: int, frames
             path = save_model(workdir / f"{need}.pt", create_model(preset, **kwargs), name=preset, kwargs=kwargs,
                               classes=classes, extra=extra)
             files[need] = str(path)
+    if "experts" in method.needs:  # multi-dataset methods (jedi): fresh experts of the main and one more dataset
+        from vidistill.data.multi import random_experts
+
+        files["experts"] = str(random_experts(workdir / "experts", classes=(classes, ["x", "y"]), frames=frames, size=size,
+                                              preset=student)[0])
     ctx = DistillContext(num_classes=num_classes, classes=classes, frames=frames, size=size, **files)
     # as `vidistill distill` builds it: the method picks its student preset (`student` is the default)
     return method(method.build_student(params, ctx, default=student), params, ctx), bool(method.needs_flow)

@@ -56,6 +56,8 @@ class DistillContext:
         pretrained: `model.pt` whose encoder initialises the student (transfer learning).
         mvd_encoder: `model.pt` of a masked-pre-trained video ViT that `mvd` fine-tunes (`teach --pretext mvd`,
             or `--pretext videomae` for its VideoMAE baseline).
+        experts: the `vidistill experts` folder: one frozen expert per dataset and their cached embeddings
+            of every dataset's clips (multi-dataset methods).
         label_smoothing: ε of the shared supervised loss (`distill.train.label_smoothing`).
     """
 
@@ -67,6 +69,7 @@ class DistillContext:
     teacher_flow: str = ""
     pretrained: str = ""
     mvd_encoder: str = ""
+    experts: str = ""
     label_smoothing: float = 0.0
 
 
@@ -74,7 +77,8 @@ CONTEXT_FILES = ("teacher_rgb", "teacher_flow", "pretrained", "mvd_encoder")  # 
 _HINTS = {"teacher_rgb": "--teacher-rgb runs/teacher_rgb/model.pt (train it with `vidistill teach`)",
           "teacher_flow": "--teacher-flow runs/teacher_flow/model.pt (train it with `vidistill teach --modality flow`)",
           "pretrained": "--pretrained runs/pretrain/model.pt (an encoder trained on a source dataset)",
-          "mvd_encoder": "--mvd-encoder runs/mvd/student/model.pt (train it with `vidistill teach --pretext mvd`)"}
+          "mvd_encoder": "--mvd-encoder runs/mvd/student/model.pt (train it with `vidistill teach --pretext mvd`)",
+          "experts": "--experts runs/experts (one expert per dataset: `vidistill experts`)"}
 
 
 class Distiller(TrainTask):
@@ -138,6 +142,25 @@ class Distiller(TrainTask):
         from vidistill.models import create_model
 
         return create_model(cls.student_name(params, default), num_classes=ctx.num_classes, frames=ctx.frames, size=ctx.size)
+
+    @classmethod
+    def train_config(cls, params: Any, train: Any) -> Any:
+        """The optimisation settings this method trains with, from `distill.train` (default: unchanged).
+
+        Called before anything is built, so a setting the method cannot use is refused before any work
+        (raise `ConfigError`). A method whose paper fixes its own schedule (e.g. JEDI's constant
+        learning rate over 500 epochs) returns a `dataclasses.replace`d copy.
+        """
+        return train
+
+    def train_dataset(self, default: Any) -> Any:
+        """The dataset the loop trains on (default: `default`, the training clips of `distill.clips`).
+
+        A method that trains on something else (e.g. JEDI: cached embeddings of several datasets) returns
+        it; its items must carry `label` and `index`, and it must have the attribute `classes` (those of
+        the exported student, saved in `model.pt`).
+        """
+        return default
 
     def export_model(self) -> nn.Module:
         """The trained module that is saved as `model.pt`, evaluated and exported to ONNX.

@@ -8,7 +8,7 @@ Every model takes RGB in [0, 1] `(B, 3, T, H, W)` (images: `(B, 3, H, W)`) or fl
 `(B, 2, T-1, H, W)`, normalises inside, and returns `(logits (B, K), features (B, D))`.
 """
 
-from vidistill.models import r2plus1d, vit  # noqa: F401  (importing registers the presets)
+from vidistill.models import jedi, r2plus1d, vit  # noqa: F401  (importing registers the presets)
 from vidistill.models.base import FLOW_BOUND, MODALITIES, RGB_MEAN, RGB_STD, Normalize, ZooModel, input_shape
 from vidistill.models.r2plus1d import R2Plus1d, create_r2plus1d
 from vidistill.models.registry import create_model, list_models, model_modalities, register_model

@@ -329,6 +329,15 @@ def cosine_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return f
 
 
+def constant_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up then a constant learning rate (e.g. JEDI, sec. 4.4), as a LambdaLR factor."""
+
+    def f(step: int) -> float:
+        return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+    return f
+
+
 def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     params = list(params)
     decay = [p for p in params if p.ndim > 1]
@@ -503,8 +512,9 @@ def fit(
                         collate_fn=collate, drop_last=len(sampler) >= 2 * per_rank_batch,
                         persistent_workers=cfg.num_workers > 0)
     steps_per_epoch = len(loader)
+    schedule = cosine_lambda if getattr(cfg, "schedule", "cosine") == "cosine" else constant_lambda
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_lambda(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch))
+        optimizer, schedule(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch))
     flip_gen = torch.Generator()
 
     history: list[dict[str, float]] = []
