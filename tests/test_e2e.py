@@ -20,16 +20,18 @@ BIN = Path(sys.executable).parent
 
 def _tasks(methods: list[str]) -> list[str]:
     """Every task a local run shows, by its display name (the fan-out with its method)."""
-    return ["start-mlflow-run", "prep", "prep-source", "tvl1-flow", "teach-rgb", "teach-flow", "pretrain-encoder",
-            "two-stream", "experts", *(f"distill[{m}]" for m in methods), "comparison", "select-best", "export-onnx",
-            "track-stages", "register-promote", "publish-report", "close-mlflow-run"]
+    return ["start-mlflow-run", "shard-plan", "prep-shard", "prep", "prep-source", "tvl1-flow-shard", "tvl1-flow",
+            "teach-rgb", "teach-flow", "pretrain-encoder", "two-stream", "experts", "masked-image-teacher",
+            "masked-video-teacher", "masked-video-distillation", *(f"distill[{m}]" for m in methods), "comparison",
+            "select-best", "export-onnx", "track-stages", "register-promote", "publish-report", "close-mlflow-run"]
 
 
 # what kfp.local prints for every task, which belongs in the task's log and never on the console
 NOISE = ("Executing task", "Streamed logs", "executor_input", "KFP Executor", "no effect in the current local runner",
          "non-Python base image", "View run", "Traceback")
-COMPUTE_TASKS = ("prep", "prep-source", "tvl1-flow", "teach-rgb", "teach-flow", "pretrain-encoder", "two-stream",
-                 "experts", "comparison", "select-best", "export-onnx")
+COMPUTE_TASKS = ("prep-shard", "prep", "prep-source", "tvl1-flow-shard", "tvl1-flow", "teach-rgb", "teach-flow",
+                 "pretrain-encoder", "two-stream", "experts", "masked-image-teacher", "masked-video-teacher",
+                 "masked-video-distillation", "comparison", "select-best", "export-onnx")
 
 
 def _pipeline_run(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:
