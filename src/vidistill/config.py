@@ -125,7 +125,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd
     warmup_epochs: int = 1
     label_smoothing: float = 0.0
-    hflip: bool = False  # off by default: synthetic classes are left/right motions
+    hflip: bool = False  # random horizontal flips (RGB and flow alike; a flip swaps left/right, cw/ccw class labels)
+    crop_scale: float = 1.0  # random resized crops back to the clip size: smallest crop area as a fraction; 1 = off
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0
@@ -138,6 +139,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         _check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1, f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
+        _check(0.0 < self.crop_scale <= 1.0, f"crop_scale must be in (0, 1] (smallest crop area as a fraction of the frame; 1 = no random crops), got {self.crop_scale}")
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 

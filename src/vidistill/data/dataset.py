@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vidistill.config import ConfigError
+from vidistill.data.augment import mirror_label_map
 
 FLOW_BOUND = 20.0  # pixels; the flow manifest's "bound" overrides it
 
@@ -33,7 +34,8 @@ class ClipDataset(Dataset):
 
     Items are dicts: `rgb` float32 `(3, T, S, S)` in [0, 1]; `label` int64; `index` (clip index in
     the split); `video_id`; and with `flow_root`, `flow` float32 `(2, T-1, S, S)` in pixels
-    (channel 0 horizontal, 1 vertical).
+    (channel 0 horizontal, 1 vertical). `hflip_label_map[k]` is the label of a mirrored clip of class `k`
+    (`vidistill.data.augment.mirror_label_map`), which the training loop's flips apply.
 
     Args:
         root: the prep output directory (holds `manifest.json`).
@@ -58,6 +60,7 @@ class ClipDataset(Dataset):
         self.num_classes = len(self.classes)
         self.frames: int = int(self.manifest["frames"])
         self.size: int = int(self.manifest["size"])
+        self.hflip_label_map = mirror_label_map(self.classes)  # the class a mirrored clip shows (training flips)
         self.labels = np.array([e["label"] for e in self.index], dtype=np.int64)  # (N,)
         self.video_ids = np.array([e["video_id"] for e in self.index], dtype=np.int64)  # (N,)
         shards = sorted({e["shard"] for e in self.index})

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vidistill.config import TrainConfig
+from vidistill.data.augment import augment_batch
 
 CHECKPOINT = "last.pt"
 
@@ -360,8 +361,8 @@ def fit(
                 t0 = time.perf_counter()
                 bar_task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="")
                 for batch in loader:
-                    if cfg.hflip:
-                        batch = hflip_batch(batch, flip_gen)
+                    batch = augment_batch(batch, flip_gen, hflip=cfg.hflip, crop_scale=cfg.crop_scale,
+                                          label_map=getattr(dataset, "hflip_label_map", None))
                     batch = to_device(batch, device)
                     result = model(batch)
                     loss = result["loss"]
