@@ -43,9 +43,19 @@ class SynthConfig:
     fps: int = 12
     seed: int = 0
     codec: str = "mpeg4"  # any encoder PyAV has; mpeg4 is fast and always present
+    # appearance nuisance an RGB network must learn to ignore; at these defaults the videos are generator version 1's bytes
+    colour_jitter: float = 0.0  # strength s in [0, 1] of a per-video colour transform, constant in time: hue ±180°·s, saturation ×[1-0.7s, 1+0.5s], channel order shuffled with probability s
+    mixed_looks: bool = False  # palette, texture and shape of every object, and the background, drawn from the looks of domains 0-2
+    hue_drift: float = 0.0  # per-object hue rotation at constant luma (BT.601), up to this many degrees per frame: grayscale (TV-L1's input) does not see it
+    distractors: int = 2  # small objects moving in random directions, whatever the class
+    distractor_speed: float = 1.5  # their largest speed, pixels per frame at 96x72
 
     def validate(self) -> None:
         _check(self.domain >= 0, f"synth.domain must be >= 0, got {self.domain}")
+        _check(0.0 <= self.colour_jitter <= 1.0, f"synth.colour_jitter must be in [0, 1] (0 = off), got {self.colour_jitter}")
+        _check(0.0 <= self.hue_drift <= 180.0, f"synth.hue_drift must be in [0, 180] degrees per frame (0 = off), got {self.hue_drift}")
+        _check(self.distractors >= 0, f"synth.distractors must be >= 0, got {self.distractors}")
+        _check(self.distractor_speed >= 0, f"synth.distractor_speed must be >= 0 pixels per frame, got {self.distractor_speed}")
         _check(self.videos_per_class >= 2, f"synth.videos_per_class must be >= 2 (one train, one test), got {self.videos_per_class}")
         _check(self.frames >= 2, f"synth.frames must be >= 2, got {self.frames}")
         _check(self.width >= 16 and self.height >= 16, f"synth size must be at least 16x16, got {self.width}x{self.height}")
