@@ -16,7 +16,7 @@ TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 PROFILE ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean lint
+.PHONY: setup demo test bench clean lint gpu-check gpu-check-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
@@ -38,6 +38,21 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/vidistill bench prep
+
+# --- GPU check (issue 19): `make gpu-check [GPU_CHECK_OUT=dir]` sets up as above on a GPU machine, then
+# runs scripts/gpu-check.sh (README, "GPU"). Without a GPU: one line, exit 0, nothing installed.
+GPU_CHECK_OUT ?= outputs/gpu_check
+gpu-check:
+	@if [ -z "$(HAS_GPU)" ]; then echo "gpu-check: no NVIDIA GPU on this machine (nvidia-smi -L finds none): nothing to check"; exit 0; fi; \
+	$(MAKE) --no-print-directory setup && GPU_CHECK_PYTHON=$(PY) bash scripts/gpu-check.sh $(GPU_CHECK_OUT)
+
+# wheels the check needs on a GPU machine without PyPI (the device tool's: Python 3.12, OpenCV without
+# contrib): opencv-contrib for the DualTVL1 reference. 4.12 is the newest that fits its 64 MiB transfer.
+GPU_WHEEL_PY ?= 3.12
+gpu-check-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_WHEEL_PY) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl opencv-contrib-python-headless==4.12.0.88
 
 clean:
 	rm -rf $(VENV) data runs outputs mlflow.db mlflow-server.log mlartifacts

@@ -1,9 +1,12 @@
 """Worker that `tests/test_distributed.py` launches under `torchrun` (2 CPU processes, gloo).
 
 `train_and_record` trains a tiny 3-D conv net on learnable synthetic clips through
-`vidistill.train.fit` with a `Supervised` task and writes `RESULTS/rank<r>.json` on every rank: the
-world size, a checksum of the weights (and buffers) this rank ends with, the epochs this rank
-trained (so a resume shows where it started) and, on rank 0, the accuracy on a held-out set. With
+`vidistill.train.fit` with a `Supervised` task that also holds a frozen teacher (as a distiller does)
+and writes `RESULTS/rank<r>.json` on every rank: the world size, a checksum of the trainable weights
+(and buffers) this rank ends with, checksums of its teacher before and after training (each rank's
+teacher is built differently on purpose, so a DDP broadcast or buffer sync of it would show), the
+epochs this rank trained (so a resume shows where it started) and, on rank 0, the accuracy on a
+held-out set. With
 `bad_batch=N` it first checks that a global batch of `N` is refused with a ValueError. The test
 also calls it in-process for the single-process run.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import hashlib
 import json
 import os
@@ -25,6 +29,7 @@ from torch.utils.data import Dataset
 
 from vidistill.config import TrainConfig
 from vidistill.train import Supervised, fit
+from vidistill.train.loop import trainable_state
 
 
 class RampClips(Dataset):
@@ -77,11 +82,30 @@ class TinyNet(nn.Module):
 
 
 class RecordingSupervised(Supervised):
-    """`Supervised` that remembers which epochs this process trained."""
+    """`Supervised` that remembers which epochs this process trained, with a frozen teacher it runs in
+    every step (its agreement with the student is logged, the loss does not use it)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    frozen_modules = ("teachers",)
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None = None) -> None:
         super().__init__(model)
         self.epochs_started: list[int] = []
+        self.teachers = nn.ModuleDict({"ref": teacher if teacher is not None else TinyNet()})
+        for p in self.teachers.parameters():
+            p.requires_grad_(False)
+        self.teachers.eval()
+
+    def train(self, mode: bool = True) -> "RecordingSupervised":
+        super().train(mode)
+        self.teachers.eval()
+        return self
+
+    def forward(self, batch: dict) -> dict:
+        out = super().forward(batch)
+        with torch.no_grad():
+            t_logits, _ = self.teachers["ref"](batch["rgb"])  # (B, 2)
+        out["teacher_agreement"] = (out["logits"].argmax(1) == t_logits.argmax(1)).float().mean()
+        return out
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epochs_started.append(epoch)
@@ -118,10 +142,14 @@ def train_and_record(out: Path, results: Path, *, epochs: int = 6, batch_size: i
 
     torch.manual_seed(seed)  # same initial weights in every process and every run
     model = TinyNet()
-    task = RecordingSupervised(model)
+    torch.manual_seed(100 + rank)  # a teacher that differs between ranks, with a rank-specific buffer
+    teacher = TinyNet()
+    teacher.stats.running_mean.fill_(float(rank))
+    task = RecordingSupervised(model, teacher)
+    record["teacher_at_start"] = state_checksum(teacher.state_dict())
     history = fit(task, train_set, cfg, out, resume=resume, progress=False, stop_after_epochs=stop_after)
-    record.update(checksum=state_checksum(task.state_dict()), epochs_started=task.epochs_started,
-                  history_len=len(history))
+    record.update(checksum=state_checksum(trainable_state(task)), epochs_started=task.epochs_started,
+                  history_len=len(history), teacher_at_end=state_checksum(teacher.state_dict()))
     if rank == 0:
         test_set = RampClips(200, seed=2)
         model.eval()
@@ -143,6 +171,9 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--bad-batch", type=int, default=None)
     args = ap.parse_args()
+    hang = float(os.environ.get("VIDISTILL_TEST_HANG_SECONDS", "0"))
+    if hang > 0:  # a hung collective prints where every thread waits, instead of a silent kill by the test
+        faulthandler.dump_traceback_later(hang, exit=True)
     torch.set_num_threads(1)  # 2 ranks on a 2-core machine: no oversubscription
     train_and_record(args.out, args.results, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                      stop_after=args.stop_after, resume=args.resume, bad_batch=args.bad_batch)

@@ -153,3 +153,35 @@ def test_training_with_views_resumes_bit_exact(tmp_path):
     resumed = _fit(tmp_path / "b", resume=True)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{k} differs after resume")
+
+
+class _Recording(Supervised):
+    """Records (index, label) of every training sample the loop hands it, after the views."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, batch):
+        if self.training:
+            self.seen += list(zip(batch["index"].tolist(), batch["label"].tolist()))
+        return super().forward(batch)
+
+
+@pytest.mark.parametrize("hflip_labels", ["mirror", "keep"])
+def test_the_loop_mirrors_labels_only_when_told(tmp_path, hflip_labels):
+    data = _Clips()
+    torch.manual_seed(0)
+    net = type("Net", (nn.Module,), {"modality": "rgb", "forward": lambda self, x: (self.m(x), x.mean((2, 3, 4)))})()
+    net.m = nn.Sequential(nn.Conv3d(3, 2, 1), nn.AdaptiveAvgPool3d(1), nn.Flatten())
+    task = _Recording(net)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01, seed=1, device="cpu", hflip=True, hflip_labels=hflip_labels, warmup_epochs=0)
+    fit(task, data, cfg, tmp_path, progress=False)
+    changed = sum(int(data.y[i]) != y for i, y in task.seen)
+    assert len(task.seen) == 48
+    if hflip_labels == "keep":
+        assert changed == 0
+    else:  # about half the clips are flipped, and a flipped left becomes right
+        assert 12 <= changed <= 36
+    with pytest.raises(ConfigError, match="hflip_labels must be"):
+        TrainConfig(hflip_labels="swap").validate()

@@ -67,14 +67,27 @@ def test_shipped_params_yaml_is_valid():
 
 
 def test_bench_settings_are_typed_by_the_benchmark_and_checked_before_work(capsys):
-    from vidistill.bench import bench_overrides
-    from vidistill.evaluate.compare import bench_methods
+    from vidistill.benchmarks import bench_overrides
+    from vidistill.benchmarks.methods import bench_methods
     from vidistill.flow.bench import bench_flow
 
-    assert bench_overrides(bench_methods, ["seeds=2", "sd_lambdas=0,1.5", "methods=none,d3d"]) == {
-        "seeds": 2, "sd_lambdas": (0.0, 1.5), "methods": ("none", "d3d")}
+    assert bench_overrides(bench_methods, ["seeds=2", "sweep.sd.lambda_=0,1.5", "sweep.toy.beta=1", "methods=none,d3d"]) == {
+        "seeds": 2, "sweep": {"sd": {"lambda_": ["0", "1.5"]}, "toy": {"beta": ["1"]}}, "methods": ("none", "d3d")}
     assert bench_overrides(bench_flow, ["pairs=8", "backends=opencv"]) == {"pairs": 8, "backends": ("opencv",)}
-    for item, message in (("nonsense=1", "unknown benchmark setting 'nonsense'; valid: "), ("seeds=two", "seeds='two'")):
+    for item, message in (("nonsense=1", "unknown benchmark setting 'nonsense'; valid: "), ("seeds=two", "seeds='two'"),
+                          ("sweep=1", "takes dotted keys"), ("sweep.d3d.gamma=1", "unknown hyperparameter sweep.d3d.gamma"),
+                          ("sweep.d4d.x=1", "sweep names method(s) d4d")):
         assert cli.main(["bench", "methods", "--set", item]) == 2
         err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_methods_lists_every_registered_method_plugins_included(capsys):
+    from vidistill.distill import list_methods
+
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.strip().splitlines()]
+    assert listed == list_methods() and "toy" in listed  # toy: an entry point of tests/plugins
+    toy = next(line for line in out.splitlines() if line.startswith("toy"))
+    assert "'beta': 0.5" in toy and "needs: teacher_rgb" in toy and "student: toy_composite" in toy

@@ -1,7 +1,8 @@
 """vidistill.data.layouts: UCF101, HMDB51, folder and synthetic layouts, their problems and failures.
 
-Parsing only looks at names, so most layouts here are made of placeholder files; `test_prep.py`
-runs the same layouts end to end on real encoded videos.
+UCF101 and HMDB51 parsing only looks at names (the split lists name the videos), so those layouts
+are made of placeholder files; the folder layout probes every file's content, so its videos are
+real (tiny, written with PyAV). `test_prep.py` runs the layouts end to end.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
+from helpers_video import CONTAINERS, tiny_video
 from vidistill.config import ConfigError, PrepConfig, SynthConfig
 from vidistill.data.layouts import parse_folder, parse_hmdb51, parse_layout, parse_ucf101
 
@@ -119,17 +123,18 @@ def test_folder_stratified_seeded(tmp_path):
     sizes = {"a": 10, "b": 2, "c": 5, "single": 1}
     for c, n in sizes.items():
         for i in range(n):
-            _touch(tmp_path / c / f"{c}{i}.{['mp4', 'avi', 'mkv', 'webm'][i % 4]}")
+            tiny_video(tmp_path / c / f"{c}{i}.{['mp4', 'avi', 'mkv', 'webm'][i % 4]}", frames=1)
     (tmp_path / "empty_class").mkdir()
-    (tmp_path / "notes.txt").write_text("not a video")
-    _touch(tmp_path / "stray.mp4")
+    (tmp_path / "notes.txt").write_text("not a video")  # at the root: not an input, not a problem
+    tiny_video(tmp_path / "stray.mp4", frames=1)
     layout = parse_folder(tmp_path, test_fraction=0.3, seed=0)
     assert layout.classes == ["a", "b", "c", "single"]
     counts = Counter((layout.classes[it.label], it.split) for it in layout.items)
     assert counts == {("a", "train"): 7, ("a", "test"): 3, ("b", "train"): 1, ("b", "test"): 1,
                       ("c", "train"): 3, ("c", "test"): 2, ("single", "train"): 1}
     reasons = _reasons(layout)
-    assert len(layout.problems) == 2 and "without videos" in reasons and "not in a class directory" in reasons
+    assert len(layout.problems) == 2 and "without videos (empty directory)" in reasons
+    assert "not in a class directory" in reasons
     again = parse_folder(tmp_path, test_fraction=0.3, seed=0)
     other = parse_folder(tmp_path, test_fraction=0.3, seed=1)
     assert again.items == layout.items
@@ -140,8 +145,37 @@ def test_folder_failures(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         parse_folder(tmp_path / "missing")
     (tmp_path / "a").mkdir()
-    with pytest.raises(ConfigError, match=r"no class directories with videos .* under"):
+    (tmp_path / "a" / "readme.txt").write_text("no videos here")
+    with pytest.raises(ConfigError, match=r"no class directories with videos under .*any file PyAV opens as a video"):
         parse_folder(tmp_path)
+
+
+def test_folder_finds_videos_by_content_not_extension(tmp_path):
+    """Issue 16: `.MOV .m4v .mpg .3gp` next to `.mp4` (and every other container PyAV writes here, and
+    a file without extension) are videos; files that are not are listed with the reason, never
+    dropped silently; a class holding only the new extensions is a class."""
+    files = [f"clip{k}{suffix}" for k, (suffix, *_) in enumerate(CONTAINERS)]
+    for name in files:
+        tiny_video(tmp_path / "mixed" / name, frames=2)
+    for name in ("a.MOV", "b.m4v", "c.mpg", "d.3gp"):  # a class with only the extensions the old list missed
+        tiny_video(tmp_path / "apple_and_mpeg" / name, frames=2)
+    (tmp_path / "mixed" / "notes.txt").write_text("class notes\n" * 40)  # FFmpeg opens this as tty text art
+    (tmp_path / "mixed" / "cover.png").write_bytes(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    (tmp_path / "mixed" / "empty.mp4").touch()
+    (tmp_path / "text_only").mkdir()
+    (tmp_path / "text_only" / "labels.csv").write_text("a,b\n1,2\n")
+    layout = parse_folder(tmp_path, test_fraction=0.3, seed=0)
+    assert layout.classes == ["apple_and_mpeg", "mixed"]
+    assert sorted(it.relpath for it in layout.items) == sorted(
+        [f"apple_and_mpeg/{n}" for n in ("a.MOV", "b.m4v", "c.mpg", "d.3gp")] + [f"mixed/{n}" for n in files])
+    problems = {Path(p["file"]).name: p["reason"] for p in layout.problems}
+    assert problems == {
+        "notes.txt": "a text file (tty demuxer renders its characters), not a video; not used",
+        "cover.png": "a still image (png_pipe), not a video; not used",
+        "empty.mp4": "empty file (0 bytes); not used",
+        "labels.csv": "not a readable video: Invalid data found when processing input; not used",
+        "text_only": "class directory without videos (none of its 1 files is a video); class not used",
+    }
 
 
 def test_synthetic_layout_generates_then_parses(tmp_path):

@@ -1,4 +1,8 @@
-"""Distillation core: registry, losses against hand-computed values, teacher handling, SD snapshots, D3D inputs."""
+"""Distillation core: registry, losses against hand-computed values, teacher handling, SD snapshots, D3D inputs.
+
+Tests parametrized over `list_methods()` cover every registered method, the out-of-tree `toy` of
+`tests/plugins/` included (see `tests/conftest.py`).
+"""
 
 import math
 
@@ -7,13 +11,13 @@ import torch
 from torch.utils.data import Dataset
 
 from vidistill.config import ConfigError, TrainConfig
-from vidistill.distill import DistillContext, create_distiller, list_methods, weighted_mean
+from vidistill.distill import DistillContext, create_distiller, get_method, list_methods, method_params, weighted_mean
 from vidistill.distill.d3d import d3d_loss
 from vidistill.distill.kd import kd_loss
 from vidistill.distill.sd import sd_loss
 from vidistill.models import create_model
-from vidistill.train import fit, save_model
-from vidistill.train.loop import hflip_batch
+from vidistill.train import fit, load_model, save_model, supervised_loss
+from vidistill.train.loop import hflip_batch, load_checkpoint
 
 K, T, S = 3, 4, 32
 
@@ -46,11 +50,20 @@ def teachers(tmp_path_factory):
 
 def _ctx(teachers, **kw):
     return DistillContext(num_classes=K, classes=list("abc"), frames=T, size=S, teacher_rgb=teachers["rgb"],
-                          teacher_flow=teachers["flow"], pretrained=teachers["rgb"], num_samples=12, **kw)
+                          teacher_flow=teachers["flow"], pretrained=teachers["rgb"], **kw)
 
 
 def _student():
     return create_model("r2plus1d_student", num_classes=K, frames=T, size=S)
+
+
+def _task(method, teachers, params=None, **ctx_kw):
+    """Method `method` around the student it declares (`build_student`), as `vidistill distill` builds it."""
+    cls = get_method(method)
+    ctx = _ctx(teachers, **ctx_kw)
+    hp = method_params(method, params)
+    torch.manual_seed(0)
+    return cls(cls.build_student(hp, ctx, default="r2plus1d_student"), hp, ctx)
 
 
 def _batch(n=4):
@@ -62,7 +75,7 @@ def _batch(n=4):
 
 def test_registry_lists_methods_and_refuses_unknown(teachers):
     assert {"kd", "d3d", "sd", "none"} <= set(list_methods())
-    with pytest.raises(ConfigError, match="valid methods: .*d3d"):
+    with pytest.raises(ConfigError, match="valid methods: .*d3d.*toy"):
         create_distiller("d4d", _student(), _ctx(teachers))
 
 
@@ -95,9 +108,13 @@ def test_d3d_and_sd_losses_by_hand():
     assert float(weighted_mean(torch.tensor([13.0, 3.0]), torch.tensor([1.0, 0.0]))) == 6.5
 
 
-@pytest.mark.parametrize("method", ["kd", "d3d", "sd", "none"])
+def test_registry_holds_builtin_and_plugin_methods():
+    assert {"kd", "d3d", "sd", "none", "toy"} <= set(list_methods())  # toy: tests/plugins, an entry point
+
+
+@pytest.mark.parametrize("method", list_methods())
 def test_step_returns_terms_and_teachers_stay_frozen(method, teachers):
-    task = create_distiller(method, _student(), _ctx(teachers))
+    task = _task(method, teachers)
     task.on_epoch_start(0)
     task.train()
     out = task(_batch())
@@ -108,8 +125,69 @@ def test_step_returns_terms_and_teachers_stay_frozen(method, teachers):
         assert not t.training, f"teacher {name} left eval mode"
         assert all(p.grad is None and not p.requires_grad for p in t.parameters())
     student_ids = {id(p) for p in task.student.parameters()}
-    assert {id(p) for p in task.trainable_parameters()} == student_ids
+    trainable = {id(p) for p in task.trainable_parameters()}
+    assert student_ids <= trainable and not trainable & {id(p) for p in task.teachers.parameters()}
     assert all(p.grad is not None for p in task.student.parameters())
+    exported = task.export_model()
+    logits, features = exported.eval()(_batch()["rgb"])
+    assert logits.shape == (4, K) and features.shape[0] == 4
+    assert exported.create_kwargs["name"] == get_method(method).student_name(task.params, "r2plus1d_student")
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_label_smoothing_changes_the_supervised_term_of_every_method(method, teachers):
+    """`distill.train.label_smoothing` reaches every method through the shared `Distiller.ce`."""
+    batch = _batch()
+    out = {}
+    for eps in (0.0, 0.2):
+        task = _task(method, teachers, label_smoothing=eps)
+        head = [m for m in task.student.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():  # confident logits: at the near-uniform init, smoothing barely moves CE
+            head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+        task.on_epoch_start(0)
+        task.train()
+        torch.manual_seed(1)  # same dropout masks in both runs
+        out[eps] = {k: v.detach() for k, v in task(batch).items()}
+    torch.testing.assert_close(out[0.0]["logits"], out[0.2]["logits"])
+    assert abs(float(out[0.2]["loss"]) - float(out[0.0]["loss"])) > 1e-3
+    for eps, o in out.items():
+        assert float(o["ce"]) == pytest.approx(float(supervised_loss(o["logits"], batch["label"], label_smoothing=eps)), rel=1e-6)
+
+
+def test_supervised_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    # eps = 0.2, K = 2: target (0.9, 0.1) for sample 0 and (0.1, 0.9) for sample 1
+    lp0, lp1 = torch.log_softmax(logits[0], 0), torch.log_softmax(logits[1], 0)
+    ce0 = -(0.9 * lp0[0] + 0.1 * lp0[1])
+    ce1 = -(0.1 * lp1[0] + 0.9 * lp1[1])
+    assert float(supervised_loss(logits, labels, label_smoothing=0.2)) == pytest.approx(float((ce0 + ce1) / 2), rel=1e-6)
+    w = torch.tensor([0.5, 1.0])
+    assert float(supervised_loss(logits, labels, label_smoothing=0.2, weights=w)) == pytest.approx(
+        float((0.5 * ce0 + ce1) / 2), rel=1e-6)
+
+
+def test_kd_checkpoint_holds_no_teacher_and_resume_reloads_it_from_its_file(teachers, tmp_path):
+    """The teacher (2.65 M parameters for `r2plus1d_teacher`) is loaded from its file, never checkpointed."""
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.01, warmup_epochs=0, device="cpu")
+
+    def run(out, **kw):
+        task = _task("kd", teachers)
+        return task, fit(task, Clips(), cfg, out, progress=False, **kw)
+
+    full, hist_full = run(tmp_path / "full")
+    part, _ = run(tmp_path / "part", stop_after_epochs=1)
+    state = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert state["task"] and not any(k.startswith("teachers.") for k in state["task"]), sorted(state["task"])[:5]
+    assert state["frozen_modules"] == ["teachers"]
+    assert set(state["task"]) == {f"student.{k}" for k in part.student.state_dict()}
+    resumed, hist_res = run(tmp_path / "part", resume=True)
+    file_teacher, _ = load_model(teachers["rgb"])
+    for (k, a), b in zip(resumed.teachers["rgb"].state_dict().items(), file_teacher.state_dict().values()):
+        assert torch.equal(a, b), f"teacher {k} was not reloaded from its file"
+    for (k, a), b in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{k} differs after resume")
+    assert [h["kd"] for h in hist_res] == [h["kd"] for h in hist_full]
 
 
 def test_kd_combines_terms_with_alpha(teachers):

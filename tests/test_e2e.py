@@ -18,15 +18,17 @@ BIN = Path(sys.executable).parent
 def test_local_pipeline_promotes_a_champion_that_answers(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-    from vidistill.demo import run_demo
+    from vidistill.config import load_params
+    from vidistill_pipeline.demo import run_demo
 
+    methods = load_params(ROOT / "params.yaml")["pipeline"]["methods"]
     summary = run_demo(profile="tiny", params=ROOT / "params.yaml", workdir=tmp_path)
     champ = summary["champion"]
     assert champ is not None, "no champion alias after the pipeline"
     assert champ["tags"]["parity_passed"] == "true"
-    assert champ["tags"]["method"] in ("none", "d3d")
+    assert champ["tags"]["method"] in methods
     report = Path(summary["report"]).read_text()
-    assert "two-stream" in report and "d3d" in report and "none" in report
+    assert "two-stream" in report and all(f"| {m} |" in report for m in methods)
 
     # the registered champion is an RGB-only ONNX model that ONNX Runtime serves
     from vidistill.export.runtime import make_session
@@ -40,20 +42,33 @@ def test_local_pipeline_promotes_a_champion_that_answers(tmp_path, monkeypatch):
     logits = sess.run(["logits"], {inp.name: np.random.default_rng(0).random(shape, dtype=np.float32)})[0]
     assert logits.shape == (2, len(got["classes"])) and np.isfinite(logits).all()
 
-    # one parent run with child runs per stage, all carrying lineage tags
+    # one parent run with child runs per stage (nested by the track-stages task), all carrying lineage tags;
+    # the comparison report is attached to the parent
     from vidistill.registry.tracking import client
 
     c = client()
-    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
-    parents = [r for r in runs if r.data.tags.get("vidistill.stage") == "pipeline"]
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    parents = [r for r in c.search_runs(experiments) if r.data.tags.get("vidistill.stage") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    parent = parents[0].info.run_id
+    children = [r for r in c.search_runs(experiments) if r.data.tags.get("mlflow.parentRunId") == parent]
     stages = {r.data.tags["vidistill.stage"] for r in children}
-    assert {"prep", "flow", "teach_rgb", "teach_flow", "distill_none", "distill_d3d", "export", "register"} <= stages
+    assert {"prep", "flow", "teach_rgb", "teach_flow", "export", "register"} | {f"distill_{m}" for m in methods} <= stages
     for r in children:
         assert r.data.tags["vidistill.git_commit"] and r.data.tags["vidistill.params_hash"]
         if r.data.tags["vidistill.stage"] != "prep":
             assert r.data.tags["vidistill.data_hash"] not in ("", "none", "unknown"), r.data.tags
+    assert {a.path for a in c.list_artifacts(parent, "report")} == {"report/comparison.md", "report/comparison.html"}
+
+    # the same run again: every compute task comes from kfp.local's cache; only the side effects run
+    # (a new parent run, which tags the reused stage runs, and the registration)
+    again = run_demo(profile="tiny", params=ROOT / "params.yaml", workdir=tmp_path)
+    assert set(again["index"]["reused"]) == set(summary["index"]["adopted"]) and not again["index"]["adopted"]
+    assert again["report"] == summary["report"] and again["onnx"] == summary["onnx"]
+    parents = [r for r in c.search_runs(experiments) if r.data.tags.get("vidistill.stage") == "pipeline"]
+    newest = max(parents, key=lambda r: r.info.start_time)
+    assert {k.removeprefix("vidistill.reused_run.") for k in newest.data.tags if k.startswith("vidistill.reused_run.")} \
+        == set(summary["index"]["adopted"])
 
 
 @pytest.mark.slow

@@ -9,7 +9,10 @@ import torch
 
 from vidistill.flow import TVL1Params, decode_flow, encode_flow, min_frame_size, tvl1
 from vidistill.flow.bench import epe, warped_pairs
-from vidistill.flow.torch_tvl1 import median_cv2, median_torch
+from vidistill.flow import torch_tvl1
+from vidistill.flow.fused import FusedKernels, fused_kernels, median_network, median_sorting_network
+from vidistill.flow.params import prepare_pairs
+from vidistill.flow.torch_tvl1 import median_cv2, median_torch, resolve_compile, tvl1_torch
 
 # Mean EPE allowed between the torch and OpenCV flows of the same pair. The algorithms match step for
 # step; what differs is float summation order, torch's bicubic warp vs OpenCV's remap (which rounds
@@ -47,6 +50,34 @@ def test_cuda_matches_opencv_accuracy(pairs, opencv_flow) -> None:
     assert flow.shape == (3, 2, 80, 96) and flow.dtype == np.float32
     assert epe(flow, gt) <= 1.05 * epe(opencv_flow, gt)
     assert epe(flow, opencv_flow) <= AGREEMENT_PX
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile", ["on", "auto"])
+def test_cuda_compiled_matches_opencv_accuracy(pairs, opencv_flow, compile: str) -> None:
+    """The fused path compiled for the GPU (Triton kernels) meets the same bar, and really ran. (CUDA graphs,
+    `compile="graphs"`, are checked by the GPU check's benchmark part, whose EPE gate is the same.)"""
+    f0, f1, gt = pairs
+    stats: dict = {}
+    flow = tvl1_torch(*prepare_pairs(f0, f1, TVL1Params()), TVL1Params(), device=torch.device("cuda"), compile=compile, stats=stats)
+    assert stats["path"] == {"on": "default", "graphs": "reduce-overhead", "auto": "default"}[compile], stats
+    assert flow.shape == (3, 2, 80, 96) and np.isfinite(flow).all()
+    assert epe(flow, gt) <= 1.05 * epe(opencv_flow, gt)
+    assert epe(flow, opencv_flow) <= AGREEMENT_PX
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compiled_handles_single_pairs_and_odd_batches() -> None:
+    """Batches of 1 (padded to 2 inside) and of a non-power-of-two size agree with the eager CUDA path."""
+    f0, f1, _ = warped_pairs(5, 48, 64, seed=4)
+    p = TVL1Params(nscales=3, warps=2)
+    g0, g1 = prepare_pairs(f0, f1, p)
+    eager = tvl1_torch(g0, g1, p, device=torch.device("cuda"))
+    for bs in (1, 5):
+        fused = tvl1_torch(g0, g1, p, device=torch.device("cuda"), batch_size=bs, compile="on")
+        assert epe(fused, eager) <= AGREEMENT_PX
 
 
 def test_opencv_process_pool_equals_single_process(pairs, opencv_flow) -> None:
@@ -170,3 +201,101 @@ def test_codec_round_trip_and_clipping() -> None:
 def test_codec_errors(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused path (vidistill.flow.fused): what can be checked without a GPU
+
+
+@pytest.mark.parametrize("n", [9, 25])
+def test_median_network_selects_the_median(n: int) -> None:
+    ops, slot = median_network(n)
+    rng = np.random.default_rng(n)
+    values = np.concatenate([rng.normal(size=(2000, n)), rng.integers(0, 3, (2000, n))])  # with many ties
+    v = [values[:, i].copy() for i in range(n)]
+    for a, b, keep_min, keep_max in ops:
+        v[a], v[b] = np.minimum(v[a], v[b]), np.maximum(v[a], v[b])
+    np.testing.assert_array_equal(v[slot], np.median(values, axis=1))
+    assert len(ops) < {9: 30, 25: 130}[n]  # pruned Batcher networks: 24 and 113 compare-exchanges
+
+
+@pytest.mark.parametrize("ksize", [3, 5])
+def test_sorting_network_median_matches_cv2(ksize: int) -> None:
+    u = torch.randn(2, 2, 17, 23)
+    expected = np.stack([[cv2.medianBlur(u[b, c].numpy(), ksize) for c in range(2)] for b in range(2)])
+    np.testing.assert_array_equal(median_sorting_network(u, ksize).numpy(), expected)
+
+
+def test_fused_path_matches_eager_path_and_opencv(pairs) -> None:
+    """The fused algorithm (masked per-pair stopping, checks every few iterations, compaction), run
+    without compiling, against the eager kernels and OpenCV on the same pairs."""
+    f0, f1, gt = pairs
+    p = TVL1Params(nscales=2, warps=2)
+    g0, g1 = prepare_pairs(f0, f1, p)
+    eager_stats: dict = {}
+    eager = torch_tvl1._solve_batch(g0, g1, p, torch.device("cpu"), stats=eager_stats)
+    fused_stats: dict = {}
+    fused = torch_tvl1._solve_batch(g0, g1, p, torch.device("cpu"), kernels=fused_kernels("eager"), stats=fused_stats)
+    reference = tvl1(f0, f1, backend="opencv", workers=1, nscales=2, warps=2)
+    assert epe(fused, eager) <= AGREEMENT_PX and epe(fused, reference) <= AGREEMENT_PX
+    assert epe(fused, gt) <= 1.05 * epe(reference, gt)
+    # frozen pairs wait for the next check and compaction: some extra work, bounded
+    assert eager_stats["pixel_iterations"] <= fused_stats["pixel_iterations"] <= 1.6 * eager_stats["pixel_iterations"]
+
+
+def test_fused_path_pads_a_single_pair(pairs) -> None:
+    f0, f1, _ = pairs
+    p = TVL1Params(nscales=2, warps=1, outer_iterations=2)
+    g0, g1 = prepare_pairs(f0[:1], f1[:1], p)
+    one = torch_tvl1._solve_batch(g0, g1, p, torch.device("cpu"), kernels=fused_kernels("eager"))
+    assert one.shape == (1, 2, 80, 96)
+    np.testing.assert_allclose(one, torch_tvl1._solve_batch(g0, g1, p, torch.device("cpu")), atol=0.05)
+
+
+def test_compile_settings() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_compile("off", cpu) is None and resolve_compile("auto", cpu) is None
+    assert resolve_compile("on", cpu) == "default"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_compile("graphs", cpu)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        tvl1(_frames(), _frames(), compile="fast")
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, pairs, caplog) -> None:
+    """`compile="auto"` never fails where eager works; "on" reports the error."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: no C compiler")
+
+    monkeypatch.setattr(torch_tvl1, "resolve_compile", lambda compile, device: None if compile == "off" else "default")
+    monkeypatch.setattr(torch_tvl1, "fused_kernels", lambda mode: FusedKernels(step=broken, median=broken, mode=mode))
+    monkeypatch.setattr(torch_tvl1, "_AUTO_FAILED", [])
+    f0, f1, _ = pairs
+    p = TVL1Params(nscales=2, warps=1)
+    g0, g1 = prepare_pairs(f0, f1, p)
+    stats: dict = {}
+    flow = tvl1_torch(g0, g1, p, device=torch.device("cpu"), compile="auto", stats=stats)
+    assert stats["path"] == "eager" and "no C compiler" in caplog.text
+    np.testing.assert_array_equal(flow, tvl1_torch(g0, g1, p, device=torch.device("cpu")))
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        tvl1_torch(g0, g1, p, device=torch.device("cpu"), compile="on")
+
+
+@pytest.mark.slow
+def test_compiled_path_on_cpu_matches_eager() -> None:
+    """torch.compile (inductor's C++ code on this CPU) of the fused step and median: one compilation
+    serves every pyramid level and batch size (dynamic shapes), and the flow matches the eager path."""
+    from torch._dynamo.utils import counters
+
+    f0, f1, _ = warped_pairs(3, 40, 48, seed=1)
+    p = TVL1Params(nscales=2, warps=2, outer_iterations=2, inner_iterations=10, median_filtering=3)
+    g0, g1 = prepare_pairs(f0, f1, p)
+    eager = tvl1_torch(g0, g1, p, device=torch.device("cpu"))
+    counters.clear()
+    stats: dict = {}
+    compiled = tvl1_torch(g0, g1, p, device=torch.device("cpu"), compile="on", stats=stats)
+    single = tvl1_torch(g0[:1], g1[:1], p, device=torch.device("cpu"), compile="on")  # padded to 2, compacted
+    assert stats["path"] == "default"
+    assert epe(compiled, eager) <= AGREEMENT_PX and epe(single, eager[:1]) <= AGREEMENT_PX
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # the step and the median, once each

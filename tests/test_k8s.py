@@ -1,7 +1,7 @@
 """Kubernetes manifests (k8s/), checked offline.
 
-Each overlay is rendered with k8s/render.py (a small kustomize equivalent, itself tested here and,
-where a `kubectl` with kustomize is installed, compared with `kubectl kustomize`). Core manifests,
+The base and each overlay are rendered with the real kustomize built into kubectl (`kubectl kustomize
+DIR`); without a kubectl that has it, every test here skips with that reason. Core manifests,
 and the pod templates inside the custom resources, are validated strictly against the Kubernetes
 OpenAPI schemas of K8S_VERSION with kubernetes-validate; custom resources (PyTorchJob,
 ServingRuntime, InferenceService) get field checks of their own. Every pod must meet the security
@@ -12,11 +12,10 @@ exactly the intended traffic in, and Secrets hold placeholders only.
 from __future__ import annotations
 
 import copy
-import importlib.util
+import functools
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,22 +32,41 @@ OVERLAYS = ["gke", "generic"]
 PLACEHOLDER = "CHANGE_ME"
 CREDENTIAL_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY", re.I)
 
-_spec = importlib.util.spec_from_file_location("k8s_render", K8S / "render.py")
-render = importlib.util.module_from_spec(_spec)
-sys.modules["k8s_render"] = render
-_spec.loader.exec_module(render)
-
 Resource = dict[str, Any]
+
+
+@functools.cache
+def _kustomize_error() -> str | None:
+    """Why `kubectl kustomize` cannot render here, or None when it can."""
+    if not shutil.which("kubectl"):
+        return "kubectl is not installed: the manifests are rendered with `kubectl kustomize`"
+    proc = subprocess.run(["kubectl", "kustomize", "--help"], capture_output=True, text=True, timeout=60)
+    return None if proc.returncode == 0 else f"this kubectl has no kustomize: {proc.stderr.strip().splitlines()[0]}"
+
+
+pytestmark = pytest.mark.skipif(_kustomize_error() is not None, reason=str(_kustomize_error()))
+
+
+@functools.cache
+def _rendered(directory: Path) -> str:
+    proc = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"kubectl kustomize {directory}: {proc.stderr}"
+    return proc.stdout
+
+
+def render(directory: Path) -> list[Resource]:
+    """The resources `kubectl kustomize DIR` renders (a fresh copy each call, so tests may mutate them)."""
+    return [r for r in yaml.safe_load_all(_rendered(directory)) if r]
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request: pytest.FixtureRequest) -> tuple[str, list[Resource]]:
-    return request.param, render.render(K8S / "overlays" / request.param)
+    return request.param, render(K8S / "overlays" / request.param)
 
 
 @pytest.fixture(scope="module")
 def base() -> list[Resource]:
-    return render.render(K8S / "base")
+    return render(K8S / "base")
 
 
 def find(resources: list[Resource], kind: str, name: str | None = None) -> list[Resource]:
@@ -58,103 +76,6 @@ def find(resources: list[Resource], kind: str, name: str | None = None) -> list[
 def one(resources: list[Resource], kind: str, name: str) -> Resource:
     (res,) = find(resources, kind, name)
     return res
-
-
-# ----------------------------------------------------------------------------------------------
-# the renderer
-
-
-def test_strategic_merge_semantics() -> None:
-    base = {"spec": {"containers": [{"name": "a", "image": "x", "env": [{"name": "K", "value": "1"}],
-                                     "volumeMounts": [{"name": "t", "mountPath": "/tmp"}], "ports": [{"containerPort": 80}]},
-                                    {"name": "b", "image": "y"}],
-                     "tolerations": [{"key": "k1"}], "nodeSelector": {"a": "1", "b": "2"}}}
-    patch = {"spec": {"containers": [{"name": "a", "env": [{"name": "K", "value": "2"}, {"name": "L", "value": "3"}],
-                                      "volumeMounts": [{"name": "t2", "mountPath": "/tmp"}], "ports": [{"containerPort": 81}]},
-                                     {"name": "c", "image": "z"}],
-                      "tolerations": [{"key": "k2"}], "nodeSelector": {"b": None, "c": "3"}}}
-    out = render.strategic_merge(base, patch)
-    a, b, c = out["spec"]["containers"]
-    assert (a["image"], b["image"], c["image"]) == ("x", "y", "z")
-    assert a["env"] == [{"name": "K", "value": "2"}, {"name": "L", "value": "3"}]
-    assert a["volumeMounts"] == [{"name": "t2", "mountPath": "/tmp"}]
-    assert a["ports"] == [{"containerPort": 80}, {"containerPort": 81}]
-    assert out["spec"]["tolerations"] == [{"key": "k2"}]  # no merge key: replaced
-    assert out["spec"]["nodeSelector"] == {"a": "1", "c": "3"}
-    assert base["spec"]["nodeSelector"] == {"a": "1", "b": "2"}, "the input must not change"
-    with pytest.raises(ValueError, match="merge key"):
-        render.strategic_merge(base, {"spec": {"containers": [{"image": "no-name"}]}})
-    with pytest.raises(ValueError, match="directive"):
-        render.strategic_merge(base, {"spec": {"$patch": "replace"}})
-
-
-def test_json_patch_semantics() -> None:
-    doc = {"a": {"b/c": [1, 2], "d~e": 0}}
-    render.json_patch(doc, [
-        {"op": "add", "path": "/a/b~1c/1", "value": 9},
-        {"op": "add", "path": "/a/b~1c/-", "value": 7},
-        {"op": "replace", "path": "/a/d~0e", "value": 5},
-        {"op": "add", "path": "/a/new", "value": {"x": 1}},
-        {"op": "remove", "path": "/a/b~1c/0"},
-        {"op": "test", "path": "/a/new/x", "value": 1},
-    ])
-    assert doc == {"a": {"b/c": [9, 2, 7], "d~e": 5, "new": {"x": 1}}}
-    for bad, match in [({"op": "test", "path": "/a/d~0e", "value": 4}, "test failed"),
-                       ({"op": "replace", "path": "/a/missing", "value": 1}, "does not exist"),
-                       ({"op": "add", "path": "/x/y", "value": 1}, "does not exist"),
-                       ({"op": "remove", "path": "/a/b~1c/3"}, "out of range"),
-                       ({"op": "move", "from": "/a", "path": "/b"}, "not supported")]:
-        with pytest.raises(ValueError, match=match):
-            render.json_patch(doc, [bad])
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def test_render_overlay_features_and_errors(tmp_path: Path) -> None:
-    write(tmp_path / "base/kustomization.yaml", "namespace: ns\nresources: [r.yaml]\nimages:\n- {name: app, newName: reg/app, newTag: '1'}\n"
-          "- {name: other, newName: reg/other}\n- {name: dig, digest: 'sha256:cd'}\n")
-    write(tmp_path / "base/r.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n---\n"
-          "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {template: {spec: {containers: [{name: c, image: app}]}}}\n---\n"
-          "apiVersion: example.com/v1\nkind: Thing\nmetadata: {name: t}\nspec: {pods: {initContainers: [{name: i, image: 'app:0@sha256:ab'}, "
-          "{name: j, image: 'other:5'}, {name: k, image: 'dig:2'}, {name: l, image: 'localhost:5000/app:1'}]}}\n")
-    write(tmp_path / "ov/kustomization.yaml", "resources: [../base]\npatches:\n- path: p.yaml\n- path: j.yaml\n  target: {group: example.com, kind: Thing}\n")
-    write(tmp_path / "ov/p.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {replicas: 2}\n")
-    write(tmp_path / "ov/j.yaml", "- {op: add, path: /spec/size, value: 3}\n")
-    ns, dep, thing = render.render(tmp_path / "ov")
-    assert ns["metadata"] == {"name": "ns"}
-    assert dep["metadata"]["namespace"] == "ns" and dep["spec"]["replicas"] == 2
-    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "reg/app:1"
-    assert thing["spec"]["size"] == 3
-    assert [c["image"] for c in thing["spec"]["pods"]["initContainers"]] == [  # as `kubectl kustomize` renders them
-        "reg/app:1", "reg/other:5", "dig@sha256:cd", "localhost:5000/app:1"]
-
-    write(tmp_path / "ov/kustomization.yaml", "resources: [../base]\ncommonLabels: {a: b}\n")
-    with pytest.raises(ValueError, match="unsupported kustomization field"):
-        render.render(tmp_path / "ov")
-    write(tmp_path / "ov/kustomization.yaml", "resources: [../base]\npatches:\n- path: cr.yaml\n")
-    write(tmp_path / "ov/cr.yaml", "apiVersion: example.com/v1\nkind: Thing\nmetadata: {name: t}\nspec: {size: 1}\n")
-    with pytest.raises(ValueError, match="custom resource"):
-        render.render(tmp_path / "ov")
-    write(tmp_path / "ov/kustomization.yaml", "resources: [../base]\npatches:\n- path: p.yaml\n")
-    write(tmp_path / "ov/p.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: nope}\nspec: {replicas: 2}\n")
-    with pytest.raises(ValueError, match="matches no resource"):
-        render.render(tmp_path / "ov")
-
-
-@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl (with built-in kustomize) not installed")
-@pytest.mark.parametrize("directory", ["base", "overlays/gke", "overlays/generic"])
-def test_renderer_matches_kubectl_kustomize(directory: str) -> None:
-    proc = subprocess.run(["kubectl", "kustomize", str(K8S / directory)], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0 and "unknown command" in proc.stderr:
-        pytest.skip("this kubectl has no kustomize")
-    assert proc.returncode == 0, proc.stderr
-    key = lambda r: (r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"])  # noqa: E731
-    theirs = {key(r): r for r in yaml.safe_load_all(proc.stdout)}
-    ours = {key(r): r for r in render.render(K8S / directory)}
-    assert ours == theirs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +108,13 @@ def pod_templates(resources: list[Resource]) -> Iterator[tuple[str, dict[str, An
             yield f"{kind}/{name}", r["spec"]
 
 
+def _merge(base: Any, override: Any) -> Any:
+    """Maps merged key by key (the override wins); anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in override.items()}}
+    return copy.deepcopy(override)
+
+
 def predictor_pod(isvc: Resource, runtimes: dict[str, Resource]) -> dict[str, Any]:
     """The predictor pod KServe builds: the runtime's container with the model's overrides merged
     in, the runtime's volumes, and the predictor's pod-level fields."""
@@ -196,7 +124,7 @@ def predictor_pod(isvc: Resource, runtimes: dict[str, Resource]) -> dict[str, An
     container = copy.deepcopy(runtime["containers"][0])
     for key in ("resources", "securityContext", "env", "args", "image"):
         if key in model:
-            container[key] = render.strategic_merge(container.get(key), model[key]) if isinstance(model[key], dict) else model[key]
+            container[key] = _merge(container.get(key), model[key]) if isinstance(model[key], dict) else model[key]
     pod = {k: v for k, v in predictor.items() if k not in ("minReplicas", "maxReplicas", "scaleTarget", "scaleMetric",
                                                               "containerConcurrency", "timeout", "canaryTrafficPercent",
                                                               "logger", "batcher", "deploymentStrategy")}
@@ -655,7 +583,7 @@ def _mutations() -> list[tuple[str, Any]]:
 @pytest.mark.parametrize(("check", "mutate"), _mutations(), ids=lambda f: f.__name__)
 def test_checks_catch_violations(check: Any, mutate: Any) -> None:
     """Each policy check fails on a manifest set that breaks it (the checks are live)."""
-    resources = render.render(K8S / "overlays" / "gke")
+    resources = render(K8S / "overlays" / "gke")
     check(("gke", resources))  # passes as rendered
     mutate(resources)
     with pytest.raises(AssertionError):

@@ -202,6 +202,48 @@ def test_forward_tokens_shape_and_grid(name):
     assert tokens.shape == (2, n, model.feature_dim) and all_visible.shape == tokens.shape
 
 
+@pytest.mark.parametrize("name", VIT_NAMES)
+def test_forward_tokens_before_the_final_norm(name):
+    """`final_norm=False` gives the last block's tokens (MVD's targets); the final LayerNorm maps them to the
+    default output, and `forward`'s features pool the normed tokens."""
+    model = _build(name, "rgb")
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)  # a non-trivial final norm, so the two outputs must differ
+        model.norm.bias.uniform_(-0.5, 0.5)
+        x = model.example_input(batch=2)
+        raw = model.forward_tokens(x, final_norm=False)
+        normed = model.forward_tokens(x)
+        _, features = model(x)
+    assert raw.shape == normed.shape == (2, model.num_tokens, model.feature_dim)
+    assert (raw - normed).abs().max() > 0.1
+    torch.testing.assert_close(model.norm(raw), normed, rtol=1e-5, atol=1e-5)
+    if model.pool_kind == "mean":
+        torch.testing.assert_close(normed.mean(dim=1), features, rtol=1e-5, atol=1e-5)
+    mask = _tube_mask(model.grid, 2, keep=5, seed=0) if model.input_kind == "video" else torch.rand(2, model.num_tokens, generator=torch.Generator().manual_seed(0)).argsort(1) >= 5
+    with torch.no_grad():
+        visible_raw = model.forward_tokens(x, mask, final_norm=False)
+    assert visible_raw.shape[1] == int((~mask[0]).sum())
+
+
+R2_NAMES = [name for name in list_models() if name.startswith("r2plus1d_")]
+
+
+@pytest.mark.parametrize("name", R2_NAMES)
+@pytest.mark.parametrize("modality", ["rgb", "flow"])
+def test_forward_map_is_the_map_the_features_pool(name, modality):
+    """`forward_map` returns the last stage before pooling `(B, D, T', H', W')`; its mean is `forward`'s features."""
+    model = _build(name, modality)
+    x = model.example_input(batch=2)
+    with torch.no_grad():
+        fmap = model.forward_map(x)
+        logits, features = model(x)
+    assert fmap.dim() == 5 and fmap.shape[:2] == (2, model.feature_dim)
+    if name == "r2plus1d_teacher" and modality == "rgb":
+        assert tuple(fmap.shape) == (2, 192, 2, 2, 2)  # SAKD's DPP features: d = 1,536 per clip at 8x56x56
+    torch.testing.assert_close(fmap.mean(dim=(2, 3, 4)), features, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.head(features), logits, rtol=1e-5, atol=1e-6)
+
+
 def _tube_mask(grid: tuple[int, ...], batch: int, keep: int, seed: int) -> torch.Tensor:
     """VideoMAE tube masking: the same spatial mask on every time slice, `keep` visible per slice."""
     g = torch.Generator().manual_seed(seed)

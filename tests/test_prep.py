@@ -1,4 +1,5 @@
-"""vidistill.data.prep and ClipDataset on real tiny videos: shards, index, manifest, bad inputs, determinism."""
+"""vidistill.data.prep and ClipDataset on real tiny videos: shards, index, manifest, bad inputs, notes on
+declared counts, classes left without usable videos, determinism."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers_video import counter_frames, frame_numbers, moving_frames, write_video
+from helpers_video import (counter_frames, edit_list_cut, frame_numbers, moving_frames, stored_for_display, truncate,
+                           write_video)
 from vidistill.config import ConfigError, PrepConfig, SynthConfig
 from vidistill.data import ClipDataset, run_prep
 from vidistill.data.layouts import parse_folder
@@ -37,6 +39,12 @@ def videos(tmp_path_factory) -> Path:
     (root / "jump" / "truncated.avi").write_bytes(good[: len(good) // 2])
     (root / "walk" / "notes.avi").write_text("a text file with a video extension\n" * 20)
     write_video(root / "walk" / "short.mp4", counter_frames(3, height=48, width=64))
+    # real-world files: a cut made without re-encoding (edit list) and a portrait phone video
+    src = write_video(root.parent / "src.mp4", moving_frames(40, seed=7), fps=10, codec="libx264",
+                      options={"g": "1000", "bf": "0", "sc_threshold": "0"})
+    edit_list_cut(src, root / "jump" / "cut.mp4", 2.0)
+    phone = np.stack([stored_for_display(f, -90) for f in moving_frames(16, height=64, width=48, seed=8)])
+    write_video(root / "walk" / "phone.MOV", phone, fps=10, codec="libx264", rotation=-90)
     return root
 
 
@@ -52,7 +60,11 @@ def test_manifest_counts_and_skipped(videos, prepped):
     assert (m["format"], m["dataset"], m["classes"], m["frames"], m["size"]) == (1, "folder", ["jump", "walk"], T, S)
     bad = {Path(s["file"]).name: s["reason"] for s in m["skipped"]}
     assert set(bad) == {"empty.avi", "truncated.avi", "notes.avi"}
-    assert "empty" in bad["empty.avi"] and "truncated" in bad["truncated.avi"] and "not a readable video" in bad["notes.avi"]
+    assert bad["empty.avi"] == "empty file (0 bytes); not used"  # found by the layout's probe
+    assert bad["notes.avi"] == "not a readable video: Invalid data found when processing input; not used"
+    assert bad["truncated.avi"].startswith("truncated: its ")  # found by decoding
+    assert m["notes"] == summary["notes"] == [{"file": str(videos / "jump" / "cut.mp4"), "note":
+                                               "40 frames declared, 20 used: an edit list hides 20 (a cut made without re-encoding)"}]
     layout = parse_folder(videos, test_fraction=0.4, seed=0)
     for split, per_video in (("train", 1), ("test", 3)):
         usable = [it for it in layout.split(split) if Path(it.relpath).name not in bad]
@@ -60,7 +72,10 @@ def test_manifest_counts_and_skipped(videos, prepped):
         assert s["videos"] == len(usable) and s["clips"] == per_video * len(usable)
         assert sum(s["per_class"].values()) == s["clips"]
         assert summary["splits"][split] == s
-    assert m["sources"]["count"] == 12 and m["sources"]["bytes"] == sum(p.stat().st_size for p in videos.rglob("*.*"))
+    decoded = [p for p in videos.rglob("*.*") if p.name not in ("empty.avi", "notes.avi")]  # the layout's videos
+    assert m["sources"]["count"] == len(decoded) == 12
+    assert m["sources"]["bytes"] == sum(p.stat().st_size for p in decoded)
+    assert summary["classes"] == m["classes"] and summary["removed_classes"] == []
     assert m["params"]["shard_size"] == 3 and len(m["hash"]) == 64
     assert summary["skipped"] == m["skipped"] and summary["frames_decoded"] > 0 and summary["frames_per_s"] > 0
     assert not list(out.parent.glob(".clips.*"))  # no temporary directory left
@@ -117,8 +132,9 @@ def test_deterministic_and_independent_of_workers(videos, prepped, tmp_path, mon
 def test_no_usable_video_in_a_split(tmp_path):
     root = tmp_path / "data"
     write_video(root / "a" / "ok.avi", moving_frames(12))
-    (root / "a" / "broken.avi").touch()  # one of the two videos lands in each split
-    with pytest.raises(ConfigError, match=r"no usable videos in split '(train|test)' under .*: 1 listed, "
+    write_video(root / "b" / "ok.avi", moving_frames(12, seed=1))
+    (root / "a" / "broken.avi").touch()  # not a video: the layout keeps one video per class, train only
+    with pytest.raises(ConfigError, match=r"no usable videos in split 'test' under .*: 0 listed, "
                                           r"1 skipped \(see: .*broken\.avi: empty file"):
         run_prep(_cfg(root, tmp_path / "out", test_fraction=0.5), progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written
@@ -204,3 +220,46 @@ def test_synthetic_prep_is_deterministic(tmp_path):
     assert a["splits"]["train"]["videos"] == 16 and a["splits"]["test"]["videos"] == 8
     ha, hb = (json.loads((tmp_path / d / "manifest.json").read_text())["hash"] for d in "ab")
     assert ha == hb
+
+
+def _broken_class(root: Path, name: str, n: int = 3) -> None:
+    """A class whose every video opens but is cut off (the layout lists them; decoding refuses them)."""
+    for i in range(n):
+        good = write_video(root.parent / f"{name}{i}-full.mkv", moving_frames(30, seed=40 + i), codec="libx264")
+        truncate(good, root / name / f"{name}{i}.mkv", 0.4)
+
+
+def test_class_without_usable_videos_is_removed(tmp_path):
+    """Issue 16: every video of 'fall' is skipped: the class is reported, left out of the class list
+    and the labels, and nothing trains on it; the other classes keep their clips."""
+    root = tmp_path / "data"
+    for c, cls in enumerate(("jump", "walk")):
+        for i in range(3):
+            write_video(root / cls / f"{cls}{i}.avi", moving_frames(12, seed=10 * c + i))
+    _broken_class(root, "fall")  # sorts first: label 0 in the layout
+    summary = run_prep(_cfg(root, tmp_path / "out", test_fraction=0.34), progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["classes"] == summary["classes"] == ["jump", "walk"] and summary["removed_classes"] == ["fall"]
+    reasons = {Path(s["file"]).name: s["reason"] for s in m["skipped"]}
+    assert reasons["fall"] == "class 'fall' removed: none of its 2 training video(s) is usable (each is listed with " \
+                              "its reason); its 1 test video(s) are not used either"
+    assert all(reasons[f"fall{i}.mkv"].startswith("truncated: ") for i in range(3))
+    for split in ("train", "test"):
+        index = json.loads((tmp_path / "out" / split / "index.json").read_text())
+        assert {(e["video"].split("/")[0], e["label"]) for e in index} == {("jump", 0), ("walk", 1)}
+        assert set(m["splits"][split]["per_class"]) == {"jump", "walk"}
+    ds = ClipDataset(tmp_path / "out", "train")
+    assert ds.num_classes == 2 and set(ds.labels.tolist()) == {0, 1}
+
+
+def test_removing_classes_that_leaves_one_stops_with_one_line(tmp_path):
+    root = tmp_path / "data"
+    for i in range(3):
+        write_video(root / "jump" / f"jump{i}.avi", moving_frames(12, seed=i))
+    _broken_class(root, "fall")
+    with pytest.raises(ConfigError) as err:
+        run_prep(_cfg(root, tmp_path / "out"), progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "no usable training video for class(es) 'fall'" in msg
+    assert "leaves 1 class(es) ('jump'); a classifier needs at least two" in msg
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -109,7 +109,7 @@ def test_download_champion_runs_in_onnxruntime(registered, tmp_path):
     session = ort.InferenceSession(str(got["onnx_path"]), providers=["CPUExecutionProvider"])
     logits, _ = session.run(None, {"input": np.random.default_rng(0).random((2, 3, FRAMES, SIZE, SIZE), dtype=np.float32)})
     assert logits.shape == (2, len(CLASSES))
-    with pytest.raises(ValueError, match="cannot resolve"):
+    with pytest.raises(ValueError, match="has no alias .nope."):
         download_model(f"models:/{NAME}@nope", tmp_path)
 
 
@@ -121,3 +121,107 @@ def test_register_refuses_bad_input(mlflow_server, student_onnx, tmp_path):  # n
     with pytest.raises(ValueError, match="finite numbers"):
         register_onnx(student_onnx["onnx_path"], model_name=NAME, metrics={"top1": float("nan")},
                       parity=student_onnx["parity"], data_hash="x", method="sd")
+
+
+# ------------------------------------------------------------------------------------------------
+# deleted versions and every models:/ URI form MLflow accepts
+
+DELETED = "vidistill-test-deleted"
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from vidistill import cli
+
+    capsys.readouterr()  # drop what earlier calls (MLflow's registration logs) wrote
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line_error(code: int, err: str, fragment: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert fragment in lines[0], lines[0]
+
+
+def test_deleted_versions_rollback_promote_serve(mlflow_server, student_onnx, tmp_path, capsys):  # noqa: F811
+    """Versions deleted from a real MLflow registry: rollback skips them, promote/rollback/serve of a
+    deleted one answer one line, every URI form resolves to what exists."""
+    import subprocess
+    import sys
+
+    from mlflow_server import ServeProcess, stop
+
+    from vidistill.registry.models import resolve
+
+    path, parity = student_onnx["onnx_path"], student_onnx["parity"]
+    v = [register_onnx(path, model_name=DELETED, metrics={"top1": t}, parity=parity, data_hash="eval-a", method="kd")
+         for t in (0.5, 0.6, 0.7, 0.8)]
+    for version in v[:3]:
+        assert promote(DELETED, version, margin=0.01)["decision"] == "champion"
+    assert _aliases(DELETED) == {"champion": v[2]}
+    c = tracking.client()
+
+    # the previous champion was deleted: rollback skips it and lands on the one before
+    c.delete_model_version(DELETED, v[1])
+    back = rollback(DELETED)
+    assert back["skipped"] == [v[1]] and (back["from_version"], back["to_version"]) == (v[2], v[0])
+    assert _aliases(DELETED)["champion"] == v[0]
+
+    # a deleted version named explicitly: one line naming what exists
+    code, _, err = _cli(capsys, "rollback", "--model-name", DELETED, "--version", v[1])
+    _one_line_error(code, err, f"has no version {v[1]} (deleted or never registered); its versions are {v[0]}, {v[2]}, {v[3]}")
+    code, _, err = _cli(capsys, "promote", "--model-name", DELETED, "--version", v[1], "--margin", "0")
+    _one_line_error(code, err, f"has no version {v[1]}")
+    code, _, err = _cli(capsys, "promote", "--model-name", "no-such-model", "--version", "1")
+    _one_line_error(code, err, "registered model 'no-such-model' does not exist")
+
+    # the champion itself deleted: its alias goes with it; serve and rollback say so in one line
+    c.delete_model_version(DELETED, v[0])
+    assert "champion" not in _aliases(DELETED)
+    with pytest.raises(ValueError, match="has no alias 'champion'"):
+        resolve(f"models:/{DELETED}@champion")
+    code, _, err = _cli(capsys, "rollback", "--model-name", DELETED)
+    _one_line_error(code, err, "no previous champion to roll back to")
+    r = subprocess.run([sys.executable, "-m", "vidistill.cli", "serve", "--model", f"models:/{DELETED}@champion", "--port", "0"],
+                       capture_output=True, text=True, timeout=120)
+    _one_line_error(r.returncode, r.stderr, "port must be")  # settings are checked before the registry...
+    from vidistill.registry.server import free_port
+
+    r = subprocess.run([sys.executable, "-m", "vidistill.cli", "serve", "--model", f"models:/{DELETED}@champion",
+                        "--port", str(free_port()), "--grpc-port", str(free_port())], capture_output=True, text=True, timeout=120)
+    _one_line_error(r.returncode, r.stderr, f"{DELETED!r} has no alias 'champion'")  # ...then the URI, before binding
+    r = subprocess.run([sys.executable, "-m", "vidistill.cli", "serve", "--model", f"models:/{DELETED}/{v[0]}",
+                        "--port", str(free_port()), "--grpc-port", str(free_port())], capture_output=True, text=True, timeout=120)
+    _one_line_error(r.returncode, r.stderr, f"has no version {v[0]}")
+
+    # every URI form MLflow accepts resolves to an existing version
+    assert resolve(f"models:/{DELETED}/latest").version == v[3]
+    assert resolve(f"models:/{DELETED}/LATEST").version == v[3]
+    assert resolve(f"models:/{DELETED}/{v[2]}").version == v[2]
+    code, out, err = _cli(capsys, "rollback", "--model-name", DELETED, "--version", v[2])
+    assert code == 0, err
+    assert resolve(f"models:/{DELETED}@champion").version == v[2]
+    with pytest.raises(ValueError, match="has no version in stage 'Production'"):
+        resolve(f"models:/{DELETED}/Production")
+    for bad in (f"models:/{DELETED}", "models:/", f"runs:/abc/model", f"models:/{DELETED}/1/2"):
+        with pytest.raises(ValueError, match="expected a registry URI"):
+            resolve(bad)
+
+    # serving models:/NAME/latest works and reports the version it resolved to
+    proc = ServeProcess(f"models:/{DELETED}/latest", tmp_path / "serve", "--grpc-port", str(free_port()))
+    try:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+        conn.request("GET", f"/v2/models/{DELETED}")
+        meta = json.loads(conn.getresponse().read())
+        conn.close()
+        assert meta["versions"] == [v[3]]
+    finally:
+        stop(proc.proc)
+
+    # the whole model deleted
+    c.delete_registered_model(DELETED)
+    with pytest.raises(ValueError, match=f"registered model {DELETED!r} does not exist"):
+        resolve(f"models:/{DELETED}/latest")

@@ -113,6 +113,10 @@ def _summarise_prep(s: dict[str, Any]) -> None:
         print(f"prep: {len(s['skipped'])} input(s) skipped:")
         for item in s["skipped"]:
             print(f"  - {item['file']}: {item['reason']}")
+    if s.get("notes"):
+        print(f"prep: {len(s['notes'])} file(s) used with fewer frames than declared or stored:")
+        for item in s["notes"]:
+            print(f"  - {item['file']}: {item['note']}")
 
 
 def cmd_flow(cfg: C.FlowConfig, args: argparse.Namespace) -> None:
@@ -185,6 +189,19 @@ HELP = {
 }
 
 
+PLUGIN_GROUP = "vidistill.commands"
+
+
+def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands of installed plugins (entry-point group `vidistill.commands`; e.g. `pipeline` and `demo`
+    from the orchestration package). Each entry point is a function `register(subparsers)` whose
+    subparsers set a `handler(args) -> int`. The library itself imports no plugin."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        ep.load()(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidistill", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,24 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
         add_config_flags(p, cls)
-    demo = sub.add_parser("demo", help="the main job: the whole pipeline on synthetic data with kfp.local, then a summary")
-    demo.add_argument("--profile", default="demo", choices=["tiny", "demo", "large"])
-    demo.add_argument("--params", default="params.yaml")
-    demo.add_argument("--workdir", default=".", help="where data/, outputs/ and mlflow.db go")
-    pipe = sub.add_parser("pipeline", help="compile, run locally, or schedule the Kubeflow pipeline")
-    psub = pipe.add_subparsers(dest="action", required=True)
-    pc = psub.add_parser("compile", help="write the Kubeflow IR YAML (default pipelines/vidistill.yaml)")
-    pc.add_argument("--out", default=None)
-    pr = psub.add_parser("run", help="run the pipeline (--local: kfp.local.SubprocessRunner on this machine)")
-    pr.add_argument("--local", action="store_true", required=True)
-    pr.add_argument("--profile", default="demo", choices=["tiny", "demo", "large"])
-    pr.add_argument("--params", default="params.yaml")
-    pr.add_argument("--workdir", default=".")
-    ps = psub.add_parser("schedule", help="create a Kubeflow recurring run (6-field cron, one at a time, no catch-up)")
-    ps.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 2 * * *' = every day at 02:00")
-    ps.add_argument("--host", required=True, help="Kubeflow Pipelines API URL")
-    ps.add_argument("--params", default="params.yaml")
-    ps.add_argument("--job-name", default="vidistill-nightly")
+    add_plugin_commands(sub)  # `pipeline` and `demo` come from the orchestration package
     promote = sub.add_parser("promote", help="gate a registered version: champion if parity passed and top-1 beats the champion by --margin")
     promote.add_argument("--model-name", required=True)
     promote.add_argument("--version", required=True)
@@ -221,20 +221,38 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = sub.add_parser("rollback", help="move the champion alias back to --version or the previous champion")
     rollback.add_argument("--model-name", required=True)
     rollback.add_argument("--version", default=None)
-    serve = sub.add_parser("serve", help="serve an ONNX student (KServe v2 protocol + video upload) with ONNX Runtime")
-    serve.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION or a path to model.onnx")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--max-body-mb", type=float, default=None)
-    serve.add_argument("--batching", action="store_true", help="dynamic batching of concurrent requests")
+    serve = sub.add_parser("serve", help="serve an ONNX student with ONNX Runtime: KServe v2 over REST (JSON, binary) and gRPC, video upload, metrics")
+    from vidistill.serve.options import add_serve_arguments
+
+    add_serve_arguments(serve)
     sub.add_parser("methods", help="list the registered distillation methods and their hyperparameters")
     bench = sub.add_parser("bench", help="benchmarks (numbers for the README)")
-    bench.add_argument("what", choices=["prep", "flow", "serve", "methods"])
+    from vidistill.benchmarks import BENCHMARKS
+
+    bench.add_argument("what", choices=list(BENCHMARKS))
     bench.add_argument("--quick", action="store_true", help="fewer items, for a smoke run")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.add_argument("--set", action="append", metavar="NAME=VALUE",
-                       help="a setting of the benchmark, e.g. methods: seeds=3, videos_per_class=96, sd_lambdas=0,100")
+                       help="a setting of the benchmark, e.g. methods: seeds=3, videos_per_class=96, methods=none,d3d, "
+                            "sweep.d3d.lambda_=1,0.1 (every combination of a method's listed values)")
     return parser
+
+
+def _list_methods() -> None:
+    """`vidistill methods`: every registered method (plugins included) with its summary, hyperparameters
+    and defaults, the model files it needs and the student it trains."""
+    import dataclasses as dc
+
+    from vidistill.distill import get_method, list_methods
+
+    default_student = C.DistillConfig().student
+    for key in list_methods():
+        cls = get_method(key)
+        hp = {f.name: f.default for f in dc.fields(cls.Params)}
+        summary = cls.__doc__.strip().splitlines()[0] if cls.__doc__ else ""
+        needs = ", ".join(cls.needs) or "no teacher"
+        student = cls.student_preset or f"distill.student ({default_student})"
+        print(f"{key:6s} {summary}  {hp}  needs: {needs}; student: {student}")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -251,18 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             section, cls = STAGE_CONFIGS[args.command]
             cfg = build_config(args.section, cls, args)
             COMMANDS[args.command](cfg, args)
-        elif args.command == "demo" or args.command == "pipeline" and args.action == "run":
-            from vidistill.demo import run_demo
-
-            run_demo(profile=args.profile, params=args.params, workdir=Path(args.workdir))
-        elif args.command == "pipeline":
-            from pipelines import runner
-
-            if args.action == "compile":
-                print(f"compiled {runner.compile_pipeline(args.out or runner.COMPILED)}")
-            else:
-                r = runner.schedule(args.host, cron=args.cron, params_file=args.params, job_name=args.job_name)
-                print(f"recurring run {getattr(r, 'recurring_run_id', r)} created: {args.cron}")
+        elif getattr(args, "handler", None) is not None:  # a plugin's subcommand
+            return args.handler(args)
         elif args.command in ("promote", "rollback"):
             from vidistill.registry.models import promote, rollback
 
@@ -271,21 +279,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _print(rollback(args.model_name, args.version))
         elif args.command == "serve":
-            from vidistill.serve.app import serve
+            from vidistill.serve.options import serve_from_args
 
-            kw = {"max_body_mb": args.max_body_mb} if args.max_body_mb else {}
-            serve(args.model, host=args.host, port=args.port, batching=args.batching, **kw)
+            serve_from_args(args)
         elif args.command == "methods":
-            import dataclasses as dc
-
-            from vidistill.distill import get_method, list_methods
-
-            for key in list_methods():
-                cls = get_method(key)
-                hp = {f.name: f.default for f in dc.fields(cls.Params)}
-                print(f"{key:6s} {cls.__doc__.strip().splitlines()[0] if cls.__doc__ else ''}  {hp}")
+            _list_methods()
         elif args.command == "bench":
-            from vidistill.bench import run_bench
+            from vidistill.benchmarks import run_bench
 
             results = run_bench(args.what, quick=args.quick, overrides=args.set)
             if args.json:

@@ -7,7 +7,6 @@ Values come from (lowest to highest priority) the dataclass defaults, the stage'
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -16,13 +15,15 @@ from typing import Any
 
 import yaml
 
+from vidistill.errors import ConfigError
 from vidistill.flow.params import TVL1Params
+from vidistill.schema import flatten, from_dict, set_dotted, to_dict
+
+__all__ = ["ConfigError", "DistillConfig", "EvaluateConfig", "ExportConfig", "FlowConfig", "PrepConfig", "RegisterConfig",
+           "SynthConfig", "TeachConfig", "TrainConfig", "flatten", "from_dict", "load_params", "params_hash",
+           "set_dotted", "to_dict"]
 
 DATASETS = ("ucf101", "hmdb51", "folder", "synthetic")
-
-
-class ConfigError(ValueError):
-    """A parameter a user gave is invalid; the message names it and what to do."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -103,6 +104,9 @@ class PrepConfig:
         self.synth.validate()
 
 
+TVL1_COMPILE_MODES = ("off", "on", "graphs", "auto")
+
+
 @dataclass
 class FlowConfig:
     """TV-L1 optical flow for every clip from prep: `vidistill flow`."""
@@ -115,12 +119,15 @@ class FlowConfig:
     bound: float = 20.0  # uint8 storage clips flow to [-bound, bound] pixels
     workers: int = 2  # opencv backend processes / torch CPU threads
     tvl1: TVL1Params = field(default_factory=TVL1Params)  # OpenCV DualTVL1 names and defaults, checked on creation
+    tvl1_compile: str = "off"  # torch backend: off (eager) | on (torch.compile) | graphs (+ CUDA graphs) | auto (compiled on CUDA with Triton)
 
     def validate(self) -> None:
         _check(self.backend in ("torch", "opencv"), f"flow.backend must be 'torch' or 'opencv', got {self.backend!r}")
         _check(self.batch_size >= 1, f"flow.batch_size must be >= 1, got {self.batch_size}")
         _check(self.bound > 0, f"flow.bound must be > 0, got {self.bound}")
         _check(self.workers >= 1, f"flow.workers must be >= 1, got {self.workers}")
+        _check(self.tvl1_compile in TVL1_COMPILE_MODES, f"flow.tvl1_compile must be one of {', '.join(TVL1_COMPILE_MODES)}, "
+               f"got {self.tvl1_compile!r}")
 
 
 @dataclass
@@ -135,7 +142,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd
     warmup_epochs: int = 1
     label_smoothing: float = 0.0
-    hflip: bool = False  # random horizontal flips (RGB and flow alike; a flip swaps left/right, cw/ccw class labels)
+    hflip: bool = False  # random horizontal flips (RGB and flow alike: a flip negates the flow's u)
+    hflip_labels: str = "mirror"  # what a flip does to the label: mirror (a class named by a direction, left/right, cw/ccw, becomes its mirror class; data/augment.py mirror_label_map) | keep
     crop_scale: float = 1.0  # random resized crops back to the clip size: smallest crop area as a fraction; 1 = off
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -149,6 +157,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         _check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1, f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
+        _check(self.hflip_labels in ("mirror", "keep"), f"hflip_labels must be 'mirror' (a flipped clip of a left/right or cw/ccw class "
+               f"takes its mirror class's label) or 'keep', got {self.hflip_labels!r}")
         _check(0.0 < self.crop_scale <= 1.0, f"crop_scale must be in (0, 1] (smallest crop area as a fraction of the frame; 1 = no random crops), got {self.crop_scale}")
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -200,13 +210,16 @@ class DistillConfig:
     methods: dict = field(default_factory=dict)  # per-method hyperparameters: methods.<key>.<name>
 
     def validate(self) -> None:
-        from vidistill.distill import list_methods, method_params
+        from vidistill.distill import get_method, list_methods, method_params
         from vidistill.models import list_models
 
-        method_params(self.method, self.methods.get(self.method))  # unknown key / bad value -> ConfigError
+        params = method_params(self.method, self.methods.get(self.method))  # unknown key / bad value -> ConfigError
         unknown = sorted(set(self.methods) - set(list_methods()))
-        _check(not unknown, f"distill.methods has unknown method(s) {', '.join(unknown)}")
+        _check(not unknown, f"distill.methods has unknown method(s) {', '.join(unknown)}; valid: {', '.join(list_methods())}")
         _check(self.student in list_models(), f"distill.student {self.student!r} is not a registered model; choose one of: {', '.join(list_models())}")
+        student = get_method(self.method).student_name(params, self.student)
+        _check(student in list_models(), f"method {self.method!r} trains the student {student!r}, which is not a registered "
+               f"model; choose one of: {', '.join(list_models())}")
         self.out = self.out or f"runs/distill/{self.method}"
         self.train.validate()
 
@@ -232,63 +245,6 @@ class EvaluateConfig:
 # params.yaml <-> dataclasses
 
 
-def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
-    """Build dataclass `cls` from a (possibly partial) dict, refusing unknown keys."""
-    data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; valid keys: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            continue
-        value = data[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = from_dict(type(default), value, f"{where}{name}.")
-        else:
-            kwargs[name] = _coerce(value, default, f"{where}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, default: Any, name: str) -> Any:
-    if default is None or value is None:
-        return value
-    target = type(default)
-    if target is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if target in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        return list(value)
-    try:
-        if target is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return target(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a {target.__name__}, got {value!r}") from None
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (for MLflow params)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def params_hash(cfg: Any) -> str:
     blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -304,17 +260,6 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a mapping of stage sections, got {type(data).__name__}")
     return data
-
-
-def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `d["a"]["b"] = value` for `dotted == "a.b"`."""
-    keys = dotted.split(".")
-    cur = d
-    for k in keys[:-1]:
-        cur = cur.setdefault(k, {})
-        if not isinstance(cur, dict):
-            raise ConfigError(f"cannot set {dotted}: {k} is not a section")
-    cur[keys[-1]] = value
 
 
 @dataclass

@@ -89,11 +89,12 @@ def flow(cfg: FlowConfig, *, progress: bool = True, track: bool = True) -> dict[
     return summary
 
 
-def _train_and_evaluate(task: Any, model: Any, *, name: str, kwargs: dict[str, Any], train_set: Any, train_cfg: Any,
-                        out: Path, clips: str, flow_dir: str, resume: bool, progress: bool, run: Any,
-                        stop_after_epochs: int | None, extra: dict[str, Any], eval_set: Any = None) -> dict[str, Any]:
-    """Shared by teach and distill: fit, save `model.pt`, loss curves, evaluate on the test split
-    (`clips`, or `eval_set` when the task is not the clips' labels)."""
+def _train_and_evaluate(task: Any, export_model: Any, *, train_set: Any, train_cfg: Any, out: Path, clips: str,
+                        flow_dir: str, resume: bool, progress: bool, run: Any, stop_after_epochs: int | None,
+                        extra: dict[str, Any], eval_set: Any = None) -> dict[str, Any]:
+    """Shared by teach and distill: fit, save `model.pt` (the module `export_model()` returns after
+    training, rebuilt later from its preset name and builder arguments), loss curves, evaluate on the
+    test split (`clips`, or `eval_set` when the task is not the clips' labels)."""
     from vidistill.evaluate.runner import plot_curves
     from vidistill.train import fit, save_model
     from vidistill.train.loop import is_main_process
@@ -104,8 +105,9 @@ def _train_and_evaluate(task: Any, model: Any, *, name: str, kwargs: dict[str, A
     if len(history) < train_cfg.epochs or not is_main_process():  # interrupted (tests), or a worker rank
         return {"epochs_done": len(history), "out": str(out)}
     seconds = time.perf_counter() - t0
-    save_model(out / "model.pt", model, name=name, kwargs=kwargs, classes=train_set.classes,
-               extra={**extra, "run_id": run.run_id})
+    model = export_model()
+    save_model(out / "model.pt", model, classes=train_set.classes, extra={**extra, "run_id": run.run_id})
+    name = model.create_kwargs["name"]
     plot_curves(history, out / "loss_curves.png", title=f"{name} " + ", ".join(f"{k}={v}" for k, v in extra.items()))
     run.log_artifact(out / "loss_curves.png")
     if eval_set is None:
@@ -144,46 +146,47 @@ def teach(cfg: TeachConfig, *, progress: bool = True, track: bool = True,
         pace = {"frames": cfg.pretext_frames, "paces": cfg.paces}
         train_set, eval_set = PaceClips(train_set, **pace), PaceClips(ClipDataset(cfg.clips, "test"), **pace, random_start=False)
         extra["pretext"] = "pace"
-    kwargs = _model_kwargs(train_set, cfg.modality)
     torch_seed(cfg.train.seed)
-    model = create_model(cfg.model, **kwargs)
+    model = create_model(cfg.model, **_model_kwargs(train_set, cfg.modality))
     tags = {"data_hash": _manifest_hash(cfg.clips), "method": "pretext_pace" if cfg.pretext == "pace" else f"teacher_{cfg.modality}"}
     with tracked(f"teach_{cfg.modality}", cfg, tags=tags, track=track) as run:
-        return _train_and_evaluate(Supervised(model, label_smoothing=cfg.train.label_smoothing), model, name=cfg.model,
-                                   kwargs=kwargs, train_set=train_set, train_cfg=cfg.train, out=Path(cfg.out),
-                                   clips=cfg.clips, flow_dir=cfg.flow, resume=cfg.resume, progress=progress, run=run,
+        return _train_and_evaluate(Supervised(model, label_smoothing=cfg.train.label_smoothing), lambda: model,
+                                   train_set=train_set, train_cfg=cfg.train, out=Path(cfg.out), clips=cfg.clips,
+                                   flow_dir=cfg.flow, resume=cfg.resume, progress=progress, run=run,
                                    stop_after_epochs=stop_after_epochs, extra=extra, eval_set=eval_set)
 
 
 def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
             stop_after_epochs: int | None = None) -> dict[str, Any]:
-    """Train an RGB student with a distillation method (`vidistill distill --method KEY`)."""
+    """Train a student with a distillation method (`vidistill distill --method KEY`), then evaluate it.
+
+    The method decides the student preset (`Distiller.student_name`), receives only the model files it
+    `needs`, and decides what is saved as `model.pt` (`Distiller.export_model`).
+    """
     cfg.validate()
     from vidistill.data import ClipDataset
-    from vidistill.distill import DistillContext, create_distiller, get_method
-    from vidistill.models import create_model
+    from vidistill.distill import DistillContext, get_method, method_params
     from vidistill.train.loop import load_checkpoint
 
     method = get_method(cfg.method)
+    params = method_params(cfg.method, cfg.methods.get(cfg.method))
     train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None)
-    kwargs = _model_kwargs(train_set)
-    torch_seed(cfg.train.seed)
-    student = create_model(cfg.student, **kwargs)
+    files = {n: getattr(cfg, n) for n in method.needs}  # only what the method declares reaches it
     ctx = DistillContext(num_classes=train_set.num_classes, classes=train_set.classes, frames=train_set.frames,
-                         size=train_set.size, teacher_rgb=cfg.teacher_rgb, teacher_flow=cfg.teacher_flow,
-                         pretrained=cfg.pretrained, num_samples=len(train_set))
-    task = create_distiller(cfg.method, student, ctx, cfg.methods.get(cfg.method))
+                         size=train_set.size, label_smoothing=cfg.train.label_smoothing, **files)
+    torch_seed(cfg.train.seed)
+    task = method(method.build_student(params, ctx, default=cfg.student), params, ctx)
     teacher_run = ""
-    for path in (cfg.teacher_rgb, cfg.teacher_flow, cfg.pretrained):
-        if path and Path(path).exists() and any(path == getattr(ctx, n) for n in method.needs):
+    for path in files.values():
+        if path and Path(path).exists():
             teacher_run = load_checkpoint(path)["extra"].get("run_id") or teacher_run
     tags = {"data_hash": _manifest_hash(cfg.clips), "method": cfg.method,
             "teacher_run_id": teacher_run or "none"}
     with tracked(f"distill_{cfg.method}", cfg, tags=tags, track=track) as run:
-        result = _train_and_evaluate(task, student, name=cfg.student, kwargs=kwargs, train_set=train_set,
-                                     train_cfg=cfg.train, out=Path(cfg.out), clips=cfg.clips, flow_dir=cfg.flow,
-                                     resume=cfg.resume, progress=progress, run=run,
-                                     stop_after_epochs=stop_after_epochs, extra={"modality": "rgb", "method": cfg.method})
+        result = _train_and_evaluate(task, task.export_model, train_set=train_set, train_cfg=cfg.train,
+                                     out=Path(cfg.out), clips=cfg.clips, flow_dir=cfg.flow, resume=cfg.resume,
+                                     progress=progress, run=run, stop_after_epochs=stop_after_epochs,
+                                     extra={"modality": "rgb", "method": cfg.method})
     result["method"] = cfg.method
     return result
 
@@ -313,7 +316,8 @@ def run(stage: str, params: dict[str, Any] | None = None, *, parent_run_id: str 
     if parent_run_id:
         os.environ["VIDISTILL_PARENT_RUN_ID"] = parent_run_id
 
-    from vidistill.config import ConfigError, from_dict, set_dotted
+    from vidistill.errors import ConfigError
+    from vidistill.schema import from_dict, set_dotted
 
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vidistill.config import ConfigError
 from vidistill.data.augment import mirror_label_map
+from vidistill.errors import ConfigError
 
 FLOW_BOUND = 20.0  # pixels; the flow manifest's "bound" overrides it
 

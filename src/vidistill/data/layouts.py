@@ -15,7 +15,10 @@ Supported layouts:
     * ``hmdb51``: `ROOT/hmdb51/<class>/*.avi` (or `ROOT/<class>/*.avi`), split files
       `testTrainMulti_7030_splits/<class>_test_splitN.txt` with lines `name.avi 1|2|0`
       (train | test | unused).
-    * ``folder``: `ROOT/<class>/*.{mp4,avi,mkv,webm}`; a seeded stratified split with
+    * ``folder``: `ROOT/<class>/<video>`; every file that PyAV opens as a video is one, whatever
+      its extension (`.mp4 .MOV .m4v .mpg .3gp .avi .mkv .webm ...`, or none): the files are probed
+      (`video.video_problem`, headers only, in threads), and the others (text, images, audio,
+      unreadable files) are listed as problems with the reason. A seeded stratified split with
       `test_fraction` of each class in test (a class with >= 2 videos gets at least one video in
       each split; a class with one video is train only).
     * ``synthetic``: `vidistill.data.synthetic.generate` into `ROOT` (skipped when the videos there
@@ -25,15 +28,17 @@ Supported layouts:
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from vidistill.config import ConfigError, PrepConfig
-from vidistill.data.video import video_rng
+from vidistill.config import PrepConfig
+from vidistill.data.video import video_problem, video_rng
+from vidistill.errors import ConfigError
 
-VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm")
 SPLITS = ("train", "test")
 
 
@@ -74,8 +79,18 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _videos_in(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
+def _files_in(d: Path) -> list[Path]:
+    """The regular files of directory `d`, sorted (candidates: the layouts name or probe them)."""
+    return sorted(p for p in d.iterdir() if p.is_file())
+
+
+def probe_files(paths: list[Path]) -> dict[Path, str | None]:
+    """`video.video_problem` of each path (None: a video), probed in threads (PyAV opens files
+    without holding the GIL; about 1 ms a file)."""
+    if len(paths) < 16:
+        return {p: video_problem(p) for p in paths}
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(paths, pool.map(video_problem, paths)))
 
 
 def _video_root(root: Path, names: tuple[str, ...]) -> Path:
@@ -100,7 +115,7 @@ class _Files:
         self.root = root
         self.by_lower: dict[str, str] = {}
         for d in _class_dirs(root):
-            for p in _videos_in(d):
+            for p in _files_in(d):
                 rel = f"{d.name}/{p.name}"
                 self.by_lower[rel.lower()] = rel
 
@@ -233,7 +248,7 @@ def parse_hmdb51(root: str | Path, *, split: int = 1) -> Layout:
             items.append(VideoItem(rel, label, "train" if parts[1] == "1" else "test"))
     known = {c.lower() for c in classes}
     for d in _class_dirs(vroot):
-        if d.name.lower() not in known and _videos_in(d):
+        if d.name.lower() not in known and _files_in(d):
             problems.append(_problem(d, f"unknown class {d.name!r}: no {d.name}{suffix} in {sdir}; its videos are not used"))
     return Layout("hmdb51", vroot, classes, items, problems)
 
@@ -243,22 +258,29 @@ def parse_hmdb51(root: str | Path, *, split: int = 1) -> Layout:
 
 
 def parse_folder(root: str | Path, *, test_fraction: float = 0.3, seed: int = 0, dataset: str = "folder") -> Layout:
-    """Parse `ROOT/<class>/*.{mp4,avi,mkv,webm}` with a seeded stratified train/test split."""
+    """Parse `ROOT/<class>/<video>` (every file PyAV opens as a video) with a seeded stratified train/test split."""
     root = Path(root)
     _require_root(root, dataset)
     problems: list[dict[str, str]] = []
-    for p in _videos_in(root):
-        problems.append(_problem(p, "video directly under the root, not in a class directory; not used"))
+    dirs = _class_dirs(root)
+    in_dirs = {d: _files_in(d) for d in dirs}
+    at_root = _files_in(root)
+    verdict = probe_files(at_root + [p for files in in_dirs.values() for p in files])
+    for p in at_root:  # other files at the root (a README, synth.json) are not inputs
+        if verdict[p] is None:
+            problems.append(_problem(p, "video directly under the root, not in a class directory; not used"))
     per_class: list[tuple[str, list[Path]]] = []
-    for d in _class_dirs(root):
-        vids = _videos_in(d)
+    for d in dirs:
+        vids = [p for p in in_dirs[d] if verdict[p] is None]
+        problems += [_problem(p, f"{verdict[p]}; not used") for p in in_dirs[d] if verdict[p] is not None]
         if vids:
             per_class.append((d.name, vids))
         else:
-            problems.append(_problem(d, f"class directory without videos ({', '.join(VIDEO_EXTS)}); class not used"))
+            what = f"none of its {len(in_dirs[d])} files is a video" if in_dirs[d] else "empty directory"
+            problems.append(_problem(d, f"class directory without videos ({what}); class not used"))
     if not per_class:
-        raise ConfigError(f"{dataset}: no class directories with videos ({', '.join(VIDEO_EXTS)}) under {root}; "
-                          "expected ROOT/<class>/<video>")
+        raise ConfigError(f"{dataset}: no class directories with videos under {root}; expected ROOT/<class>/<video> "
+                          "(any file PyAV opens as a video)")
     items: list[VideoItem] = []
     for label, (cls, vids) in enumerate(per_class):
         n = len(vids)

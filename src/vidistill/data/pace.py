@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vidistill.config import ConfigError
+from vidistill.errors import ConfigError
 from vidistill.data.dataset import ClipDataset
 
 

@@ -2,7 +2,8 @@
 
 Output (`cfg.out`):
     * `manifest.json`: format, dataset, classes, frames T, size S, per-split counts, skipped inputs
-      (layout problems and unusable files, each `{"file", "reason"}`), the parameters, a hash of
+      (layout problems, unusable files and removed classes, each `{"file", "reason"}`), notes on
+      used files (`{"file", "note"}`: fewer frames than declared, ...), the parameters, a hash of
       the sources (relpath, size, sha256 of every video) and a hash of the shards.
     * `<split>/clips-NNNNN.npy`: uint8 `(n, T, S, S, 3)` RGB, `cfg.shard_size` clips per file.
     * `<split>/index.json`: one entry per clip in order: video relpath, video_id, label, clip
@@ -13,7 +14,14 @@ Videos are decoded in `cfg.workers` processes (in this process for fewer than
 layout order, so the output does not depend on the number of workers. Everything is written to
 a temporary directory beside `cfg.out` and moved into place at the end: an interrupted prep leaves
 no half output. A file that cannot be used (empty, truncated, not a video, no decodable frames)
-is recorded in `skipped` and the stage goes on.
+is recorded in `skipped` and the stage goes on. Frames are what a player shows (`video.load_video`:
+edit lists, display rotation, non-square pixels); a file with fewer frames than its header declares
+is used with the frames it has and noted in `notes`.
+
+A class left without a usable training video (every video skipped, or none listed for train) is
+removed before anything trains on it: it is listed in `skipped`, its test videos are not written,
+and the remaining labels are renumbered in class order. When that leaves fewer than two classes,
+the stage stops with a one-line `ConfigError` naming them.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import resource
 import shutil
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +43,11 @@ import av
 import cv2
 import numpy as np
 
-from vidistill.config import ConfigError, PrepConfig
+from vidistill.config import PrepConfig
 from vidistill.data.layouts import SPLITS, Layout, parse_layout
 from vidistill.data.parallel import executor, ordered_map, progress_bar, use_pool
-from vidistill.data.video import VideoError, load_clips
+from vidistill.data.video import VideoError, load_video
+from vidistill.errors import ConfigError
 
 FORMAT = 1
 
@@ -76,15 +86,16 @@ def decode_job(job: _Job) -> dict[str, Any]:
 
     Returns:
         `{"clips": uint8 (clips, T, S, S, 3) | None, "decoded": frames decoded, "error": reason | None,
-        "size": bytes, "sha256": hex, "rss_kb": peak resident memory of the process}`.
+        "notes": [str], "size": bytes, "sha256": hex, "rss_kb": peak resident memory of the process}`.
     """
-    result: dict[str, Any] = {"clips": None, "decoded": 0, "error": None, "size": 0, "sha256": "", "rss_kb": 0}
+    result: dict[str, Any] = {"clips": None, "decoded": 0, "error": None, "notes": [], "size": 0, "sha256": "",
+                              "rss_kb": 0}
     try:
         result["size"], result["sha256"] = _file_digest(job.path)
-        clips, decoded = load_clips(job.path, relpath=job.relpath, train=job.split == "train", frames=job.frames,
-                                    stride=job.stride, clips=job.clips, short_side=job.short_side, crop=job.crop,
-                                    policy=job.policy, seed=job.seed, threads=job.threads)
-        result["clips"], result["decoded"] = clips, decoded
+        got = load_video(job.path, relpath=job.relpath, train=job.split == "train", frames=job.frames,
+                         stride=job.stride, clips=job.clips, short_side=job.short_side, crop=job.crop,
+                         policy=job.policy, seed=job.seed, threads=job.threads)
+        result["clips"], result["decoded"], result["notes"] = got.clips, got.decoded, list(got.notes)
     except VideoError as e:
         result["error"] = str(e)
     except (av.FFmpegError, cv2.error, OSError, ValueError, MemoryError) as e:  # a file the libraries choke on
@@ -163,6 +174,24 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _classes_without_training(layout: Layout, jobs: list[_Job], usable_train: Counter[int]) -> dict[int, str]:
+    """Labels without a usable training video, with the reason each is removed."""
+    listed = Counter((j.label, j.split) for j in jobs)
+    removed = {}
+    for label, cls in enumerate(layout.classes):
+        if usable_train[label]:
+            continue
+        n_train, n_test = listed[label, "train"], listed[label, "test"]
+        if not n_train:
+            why = "no video of it is listed for training"
+        else:
+            why = f"none of its {n_train} training video(s) is usable (each is listed with its reason)"
+        if n_test:
+            why += f"; its {n_test} test video(s) are not used either"
+        removed[label] = f"class {cls!r} removed: {why}"
+    return removed
+
+
 def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the prep stage (see the module docstring).
 
@@ -171,13 +200,15 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
         progress: show a progress bar.
 
     Returns:
-        Summary: `dataset`, `out`, `splits` (per split `clips`, `videos`, `per_class`), `skipped`
-        (`[{"file", "reason"}]`), `frames_decoded`, `seconds`, `frames_per_s`, `clips_per_s`,
-        `peak_rss_mb` (`main` process, largest `worker`).
+        Summary: `dataset`, `out`, `classes` (after removals), `removed_classes`, `splits` (per split
+        `clips`, `videos`, `per_class`), `skipped` (`[{"file", "reason"}]`), `notes`
+        (`[{"file", "note"}]`: used files with fewer frames than declared), `frames_decoded`,
+        `seconds`, `frames_per_s`, `clips_per_s`, `peak_rss_mb` (`main` process, largest `worker`).
 
     Raises:
         ConfigError: bad parameters, a layout that cannot be parsed, an output directory that is
-            not a prep output, or a split left without any usable video.
+            not a prep output, a split left without any usable video, or fewer than two classes
+            left after removing those without a usable training video.
     """
     cfg.validate()
     t0 = time.perf_counter()
@@ -189,12 +220,15 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
     threads = max(1, cpus // workers) if use_pool(workers, len(layout.items)) else cpus  # decoder threads per process
     jobs = _jobs(cfg, layout, threads)
     skipped: list[dict[str, str]] = list(layout.problems)
+    notes: list[dict[str, str]] = []
     sources: list[tuple[str, int, str]] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     decoded = 0
     worker_rss_kb = 0
+    usable_train: Counter[int] = Counter()
+    removed: dict[int, str] | None = None  # decided once every training video is decoded (train jobs come first)
     try:
         writers = {s: _ShardWriter(tmp / s, cfg.shard_size, cfg.frames, cfg.crop) for s in SPLITS}
         videos = {s: 0 for s in SPLITS}
@@ -202,16 +236,36 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
         with progress_bar(progress) as bar, executor(workers, len(jobs)) as pool:
             task = bar.add_task(f"prep {cfg.dataset}", total=len(jobs), info="")
             for job, res in zip(jobs, ordered_map(pool, decode_job, jobs, chunksize=chunk)):
+                if job.split != "train" and removed is None:
+                    removed = _classes_without_training(layout, jobs, usable_train)
                 if res["sha256"]:
                     sources.append((job.relpath, res["size"], res["sha256"]))
                 decoded += res["decoded"]
                 worker_rss_kb = max(worker_rss_kb, res["rss_kb"])
                 if res["error"]:
                     skipped.append({"file": job.path, "reason": res["error"]})
+                elif removed and job.label in removed:
+                    pass  # a test video of a class that nothing trains on
                 else:
+                    notes += [{"file": job.path, "note": n} for n in res["notes"]]
                     writers[job.split].add(res["clips"], relpath=job.relpath, video_id=job.video_id, label=job.label)
                     videos[job.split] += 1
+                    usable_train[job.label] += job.split == "train"
                 bar.update(task, advance=1, info=f"{decoded / (time.perf_counter() - t0):.0f} frames/s")
+        if removed is None:
+            removed = _classes_without_training(layout, jobs, usable_train)
+        keep = [label for label in range(len(layout.classes)) if label not in removed]
+        classes = [layout.classes[label] for label in keep]
+        if removed and len(keep) < 2:
+            gone = ", ".join(repr(layout.classes[label]) for label in removed)
+            raise ConfigError(f"prep: no usable training video for class(es) {gone} under {layout.root}, which leaves "
+                              f"{len(keep)} class(es) ({', '.join(map(repr, classes)) or 'none'}); a classifier needs "
+                              "at least two: replace the skipped videos (see the skipped list) or add a class")
+        skipped += [{"file": str(layout.root / layout.classes[label]), "reason": why} for label, why in removed.items()]
+        relabel = {old: new for new, old in enumerate(keep)}
+        for w in writers.values():
+            for e in w.index:
+                e["label"] = relabel[e["label"]]
         for s in SPLITS:
             if videos[s] == 0:
                 listed = sum(j.split == s for j in jobs)
@@ -221,14 +275,14 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
             writers[s].close()
         splits = {}
         for s, w in writers.items():
-            per_class = {c: 0 for c in layout.classes}
+            per_class = {c: 0 for c in classes}
             for e in w.index:
-                per_class[layout.classes[e["label"]]] += 1
+                per_class[classes[e["label"]]] += 1
             splits[s] = {"clips": len(w.index), "videos": videos[s], "per_class": per_class}
         src_hash = hashlib.sha256(json.dumps(sorted(sources)).encode()).hexdigest()
         manifest = {
-            "format": FORMAT, "dataset": cfg.dataset, "root": str(layout.root), "classes": layout.classes,
-            "frames": cfg.frames, "size": cfg.crop, "splits": splits, "skipped": skipped,
+            "format": FORMAT, "dataset": cfg.dataset, "root": str(layout.root), "classes": classes,
+            "frames": cfg.frames, "size": cfg.crop, "splits": splits, "skipped": skipped, "notes": notes,
             "params": dataclasses.asdict(cfg),
             "sources": {"count": len(sources), "bytes": sum(s[1] for s in sources), "hash": src_hash},
             "hash": _shards_hash(writers),
@@ -240,8 +294,10 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - t0
     total_clips = sum(v["clips"] for v in splits.values())
-    return {"dataset": cfg.dataset, "out": str(out), "splits": splits, "skipped": skipped, "frames_decoded": decoded,
-            "seconds": seconds, "frames_per_s": decoded / seconds if seconds > 0 else 0.0,
+    return {"dataset": cfg.dataset, "out": str(out), "classes": classes,
+            "removed_classes": [layout.classes[label] for label in removed], "splits": splits, "skipped": skipped,
+            "notes": notes, "frames_decoded": decoded, "seconds": seconds,
+            "frames_per_s": decoded / seconds if seconds > 0 else 0.0,
             "clips_per_s": total_clips / seconds if seconds > 0 else 0.0,
             "peak_rss_mb": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "worker": worker_rss_kb / 1024}}

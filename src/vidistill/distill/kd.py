@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vidistill.config import ConfigError
-from vidistill.distill.base import Distiller, register_method, weighted_mean
+from vidistill.distill.base import Distiller, register_method
+from vidistill.errors import ConfigError
 from vidistill.train.artifacts import load_model
 
 
@@ -26,8 +26,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: flo
 
 @dataclass
 class KDParams:
-    tau: float = 4.0  # softmax temperature
-    alpha: float = 0.5  # weight of the soft-target term; 1 - alpha on cross-entropy
+    """Hinton et al. 2015 (sec. 2): the loss is (1 − α)·CE + α·τ²·KL.
+
+    Attributes:
+        tau: τ, the softmax temperature of both soft distributions (> 0).
+        alpha: α in [0, 1], the weight of the soft-target term; 1 − α weighs cross-entropy.
+    """
+
+    tau: float = 4.0
+    alpha: float = 0.5
 
     def validate(self) -> None:
         if self.tau <= 0:
@@ -38,7 +45,7 @@ class KDParams:
 
 @register_method("kd")
 class KD(Distiller):
-    """Hinton KD from the RGB teacher."""
+    """Hinton KD from the RGB teacher (`teacher_rgb`, a larger network on the same clips)."""
 
     Params = KDParams
     needs = ("teacher_rgb",)
@@ -48,10 +55,20 @@ class KD(Distiller):
         self.add_teacher("rgb", load_model(ctx.teacher_rgb)[0])
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits, _ = self.student(batch["rgb"])
+        """One step: L = (1 − α)·CE(s(x), y) + α·τ²·KL(softmax(t(x)/τ) ‖ softmax(s(x)/τ)).
+
+        Args:
+            batch: `rgb` `(B, 3, T, H, W)` in [0, 1] (student and teacher see the same clip),
+                `label` `(B,)` int64.
+
+        Returns:
+            `loss` (scalar), `logits` `(B, K)` of the student, `ce` (with label smoothing) and `kd`
+            (τ²·KL, mean over the batch).
+        """
+        logits, _ = self.student(batch["rgb"])  # (B, K)
         with torch.no_grad():
-            t_logits, _ = self.teachers["rgb"](batch["rgb"])
-        ce = F.cross_entropy(logits, batch["label"])
-        kd = weighted_mean(kd_loss(logits, t_logits, self.params.tau), batch.get("weight"))
+            t_logits, _ = self.teachers["rgb"](batch["rgb"])  # (B, K)
+        ce = self.ce(logits, batch)
+        kd = kd_loss(logits, t_logits, self.params.tau).mean()
         loss = (1 - self.params.alpha) * ce + self.params.alpha * kd
         return {"loss": loss, "logits": logits, "ce": ce, "kd": kd}

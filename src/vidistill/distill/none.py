@@ -9,23 +9,35 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vidistill.distill.base import Distiller, register_method
 
 
 @dataclass
 class NoParams:
-    """No hyperparameters."""
+    """No hyperparameters (the supervised term's label smoothing is `distill.train.label_smoothing`)."""
 
 
 @register_method("none")
 class NoDistillation(Distiller):
-    """Cross-entropy only: the RGB student without any teacher."""
+    """Cross-entropy only: the RGB student without any teacher.
+
+    In `vidistill bench methods` its student, softmax-averaged with the flow teacher, is the reference
+    two-stream network at the student's size (`bench_ensembles`).
+    """
 
     Params = NoParams
+    bench_ensembles = ("teacher_flow",)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits, _ = self.student(batch["rgb"])
-        ce = F.cross_entropy(logits, batch["label"])
+        """One step: L = CE(s(x), y) with label smoothing.
+
+        Args:
+            batch: `rgb` `(B, 3, T, H, W)` in [0, 1], `label` `(B,)` int64.
+
+        Returns:
+            `loss` (scalar), `logits` `(B, K)`, `ce` (= loss).
+        """
+        logits, _ = self.student(batch["rgb"])  # (B, K)
+        ce = self.ce(logits, batch)
         return {"loss": ce, "logits": logits, "ce": ce}

@@ -25,15 +25,14 @@ batch statistics (README, "Method comparison").
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from vidistill.config import ConfigError
-from vidistill.distill.base import Distiller, register_method, weighted_mean
+from vidistill.distill.base import Distiller, register_method
+from vidistill.errors import ConfigError
 from vidistill.train.loop import load_checkpoint
 
 
@@ -47,8 +46,16 @@ SNAPSHOT_NORMS = ("batch", "running")
 
 @dataclass
 class SDParams:
-    lambda_: float = 100.0  # λ in eq. 3 (best R(2+1)D/UCF101 value in Table 2)
-    snapshot_norm: str = "batch"  # BatchNorm of the frozen snapshot: "batch" statistics (as the student) or "running"
+    """SD eq. 3 and the snapshot's normalisation.
+
+    Attributes:
+        lambda_: λ >= 0 of eq. 3; 100 is the best R(2+1)D/UCF101 value of Table 2; 0 is plain fine-tuning.
+        snapshot_norm: how the frozen snapshot's BatchNorm layers normalise: "batch" (each batch's
+            statistics, as the training student does) or "running" (eval mode, running statistics).
+    """
+
+    lambda_: float = 100.0
+    snapshot_norm: str = "batch"
 
     def validate(self) -> None:
         if self.lambda_ < 0:
@@ -81,10 +88,17 @@ def load_encoder(student: torch.nn.Module, path: str) -> list[str]:
 
 @register_method("sd")
 class SelfDistillation(Distiller):
-    """Fine-tune a pre-trained encoder while distilling from its own previous-epoch snapshot."""
+    """Fine-tune a pre-trained encoder while distilling from its own previous-epoch snapshot.
+
+    The snapshot is a frozen module: it is not checkpointed; after a resume `on_epoch_start` copies it
+    from the restored student, as in an uninterrupted run. `vidistill bench methods` trains λ = 0
+    (plain fine-tuning), 0.1 and 100, and λ = 100 with a running-statistics snapshot, by default.
+    """
 
     Params = SDParams
     needs = ("pretrained",)
+    bench_variants = ({"lambda_": 0.0}, {"lambda_": 0.1}, {"lambda_": 100.0},
+                      {"lambda_": 100.0, "snapshot_norm": "running"})
 
     def __init__(self, student, params: SDParams, ctx) -> None:
         super().__init__(student, params, ctx)
@@ -108,12 +122,22 @@ class SelfDistillation(Distiller):
         self.snapshot_epoch = epoch
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One step: L = L_CE + λ·(1/B)·Σ_i ‖f_θt(x_i) − f'_θt−1(x_i)‖² (eq. 1-3).
+
+        Args:
+            batch: `rgb` `(B, 3, T, H, W)` in [0, 1] (student and snapshot see the same clip),
+                `label` `(B,)` int64.
+
+        Returns:
+            `loss` (scalar), `logits` `(B, K)`, `ce` (eq. 1, with label smoothing) and `sd` (eq. 2 as
+            a mean over the batch; 0 when λ = 0, where the snapshot is not run).
+        """
         logits, feats = self.student(batch["rgb"])  # (B, K), (B, D)
-        ce = F.cross_entropy(logits, batch["label"])
+        ce = self.ce(logits, batch)
         if self.params.lambda_ == 0:
             zero = logits.new_zeros(())
             return {"loss": ce, "logits": logits, "ce": ce, "sd": zero}
         with torch.no_grad():
             _, snap = self.teachers["snapshot"](batch["rgb"])
-        sd = weighted_mean(sd_loss(feats, snap), batch.get("weight"))
+        sd = sd_loss(feats, snap).mean()
         return {"loss": ce + self.params.lambda_ * sd, "logits": logits, "ce": ce, "sd": sd}

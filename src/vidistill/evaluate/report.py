@@ -4,28 +4,30 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from typing import Any
 
 COLUMNS = ("top1", "top5", "mAP")
 
 
-def _cell(row: dict[str, Any], key: str) -> str:
+def _cell(row: dict[str, Any], key: str, fmt: str = ".3f") -> str:
     value = row.get(key)
     if value is None:
         return "–"
     std = row.get(f"{key}_std")
-    return f"{value:.3f} ± {std:.3f}" if std is not None else f"{value:.3f}"
+    return f"{value:{fmt}} ± {std:{fmt}}" if std is not None else f"{value:{fmt}}"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """`| method | top1 | top5 | mAP |` with `mean ± std` where rows carry `<metric>_std` and `seeds`, and a
-    `train_acc` column (accuracy on the training clips in the last epoch) where rows carry it."""
+def markdown_table(rows: list[dict[str, Any]], *, extra_columns: Sequence[str] = ()) -> str:
+    """`| method | top1 | top5 | mAP |` with `mean ± std` where rows carry `<metric>_std` and `seeds`, a
+    `train_acc` column (accuracy on the training clips in the last epoch) where rows carry it, and the
+    `extra_columns` (e.g. loss terms `term:kd`, headed `kd`) as mean ± std."""
     metrics = [*COLUMNS, *(["train_acc"] if any("train_acc" in r for r in rows) else [])]
     extra = [k for k in ("seeds", "latency_ms") if any(k in r for r in rows)]
-    head = ["method", *metrics, *extra]
+    head = ["method", *metrics, *(c.split(":", 1)[-1] for c in extra_columns), *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["method"]), *(_cell(r, k) for k in metrics)]
+        cells = [str(r["method"]), *(_cell(r, k) for k in metrics), *(_cell(r, k, ".3g") for k in extra_columns)]
         cells += [f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "–")) for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

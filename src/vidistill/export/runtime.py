@@ -6,6 +6,7 @@ Kept free of torch so the serving image needs only onnx and onnxruntime.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +33,54 @@ def read_metadata(onnx_path: str | Path) -> dict[str, Any]:
     return out
 
 
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
 def providers() -> list[str]:
     """ONNX Runtime execution providers to use: CUDA first when this build has it, then CPU."""
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def make_session(onnx_path: str | Path, *, threads: int | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session on `providers()`; `threads` sets intra-op threads (None: ORT default)."""
+default_providers = providers  # `make_session` takes a `providers` argument that shadows the name
+
+
+def make_session(
+    onnx_path: str | Path,
+    *,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    tf32: bool = False,
+) -> ort.InferenceSession:
+    """An ONNX Runtime session; `threads` sets intra-op threads (None: ORT default).
+
+    Args:
+        onnx_path: the model file.
+        threads: intra-op threads (None: ORT's default).
+        providers: execution providers in order of preference, by name or alias ("cuda", "cpu");
+            default `providers()` (CUDA first when this ONNX Runtime build has it).
+        tf32: let the CUDA provider run float32 convolutions and matrix products in TF32
+            (ORT's `use_tf32`, on by default in ONNX Runtime on Ampere and later GPUs). Off here: the
+            served model then computes what the export's parity gate checked (float32, |Δ| <= 1e-4).
+
+    Raises:
+        FileNotFoundError: the model file does not exist.
+        ValueError: a provider this ONNX Runtime build does not have (the message lists the ones
+            it has and, for CUDA, the package to install).
+    """
     path = Path(onnx_path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} does not exist; export one with vidistill.export.export_onnx")
+    names = [PROVIDER_ALIASES.get(p, p) for p in providers] if providers is not None else default_providers()
+    available = ort.get_available_providers()
+    missing = [n for n in names if n not in available]
+    if missing:
+        hint = " (install onnxruntime-gpu instead of onnxruntime, with CUDA 12 and cuDNN 9 libraries)" if "CUDAExecutionProvider" in missing else ""
+        raise ValueError(f"onnxruntime {ort.__version__} has no {', '.join(missing)}{hint}; it has {', '.join(available)}")
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers())
+    chosen: list[str | tuple[str, dict[str, str]]] = [
+        (n, {"use_tf32": "1" if tf32 else "0"}) if n == "CUDAExecutionProvider" else n for n in names
+    ]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidistill.flow.fused import COMPILE_CHOICES
 from vidistill.flow.opencv_tvl1 import tvl1_opencv
 from vidistill.flow.params import TVL1Params, prepare_pairs
 from vidistill.flow.torch_tvl1 import tvl1_torch
@@ -39,6 +40,7 @@ def tvl1(
     device: str | torch.device | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
+    compile: str = "off",
     **params: Any,
 ) -> np.ndarray:
     """Dual TV-L1 optical flow from `frames0[i]` to `frames1[i]`.
@@ -55,6 +57,10 @@ def tvl1(
             pixels per batch on CPU, 16M on GPU.
         workers: torch on CPU: threads (default `torch.get_num_threads()`); opencv: processes
             (default all cores; 1 computes in this process).
+        compile: torch backend: "off" (eager kernels, the default), "on" (the fused iteration of
+            `vidistill.flow.fused`, compiled by `torch.compile`), "graphs" (the same replayed as CUDA
+            graphs; CUDA only) or "auto" ("on" on CUDA with Triton, else "off"; falls back to
+            eager if compiling fails).
         **params: TV-L1 parameters with OpenCV's names and defaults (see `TVL1Params`): tau,
             lambda_ (or lambda), theta, nscales, warps, epsilon, inner_iterations,
             outer_iterations, scale_step, median_filtering.
@@ -64,15 +70,18 @@ def tvl1(
 
     Raises:
         ValueError: on bad frames (shape mismatch, empty, NaN/Inf, unsupported dtype, smaller than
-            the pyramid needs), an unknown backend, device or parameter.
+            the pyramid needs), an unknown backend, device, compile mode or parameter.
     """
     if backend not in BACKENDS:
         raise ValueError(f"tvl1: backend must be one of {BACKENDS}, got {backend!r}")
     for name, value in (("batch_size", batch_size), ("workers", workers)):
         if value is not None and not (isinstance(value, int | np.integer) and value >= 1):
             raise ValueError(f"tvl1: {name} must be an integer >= 1 or None, got {value!r}")
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"tvl1: compile must be one of {COMPILE_CHOICES}, got {compile!r}")
     p = TVL1Params.from_kwargs(**params)
     gray0, gray1 = prepare_pairs(frames0, frames1, p)
     if backend == "opencv":
         return tvl1_opencv(gray0, gray1, p, workers=workers)
-    return tvl1_torch(gray0, gray1, p, device=resolve_device(device), batch_size=batch_size, threads=workers)
+    return tvl1_torch(gray0, gray1, p, device=resolve_device(device), batch_size=batch_size, threads=workers,
+                      compile=compile)

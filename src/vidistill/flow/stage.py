@@ -86,6 +86,7 @@ class _FlowRunner:
         if cfg.backend == "torch":
             device = resolve_device(cfg.device)
             self.kwargs["device"] = device
+            self.kwargs["compile"] = cfg.tvl1_compile  # off | on | graphs | auto (flow/fused.py)
             # GPU: one batch per call; CPU: tvl1 splits each call into cache-sized batches over threads
             if device.type != "cpu":
                 self.kwargs["batch_size"] = cfg.batch_size

@@ -13,10 +13,15 @@ step so that results agree with `cv2.optflow.DualTVL1OpticalFlow`:
 
 The stopping test is per pair: pairs that converged leave the working batch (their state is
 written back and the batch is compacted), so a batch costs what its slowest pair needs.
+
+Two ways to run the iterations (`compile=`): eager in-place kernels here (the default, and the
+fallback), or the fused path of `vidistill.flow.fused` (one functional step that `torch.compile`
+fuses; for GPUs).
 """
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -24,9 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vidistill.flow.fused import _MODES, COMPILE_CHOICES, FusedKernels, fused_kernels, solve_level_fused
 from vidistill.flow.params import TVL1Params, level_sizes
 
 _DIVISION_GUARD = 1e-12  # keeps -rho / |grad I|^2 finite where the gradient vanishes
+log = logging.getLogger(__name__)
 
 
 def _resize_matrix(n_out: int, n_in: int, scale: float, device: torch.device) -> torch.Tensor:
@@ -171,8 +178,11 @@ def _warp(
     return ig, rho_c, neg_inv_grad
 
 
-def _solve_level(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, p: TVL1Params) -> None:
-    """Refine the flow `u` (B, 2, H, W) in place at one pyramid level with frames `i0`, `i1` (B, H, W)."""
+def _solve_level(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, p: TVL1Params, stats: dict[str, int]) -> None:
+    """Refine the flow `u` (B, 2, H, W) in place at one pyramid level with frames `i0`, `i1` (B, H, W).
+
+    Adds the pixel-iterations computed to `stats["pixel_iterations"]`.
+    """
     b, h, w = i0.shape
     scaled_eps = p.epsilon * p.epsilon * h * w
     l_t, taut = p.lambda_ * p.theta, p.tau / p.theta
@@ -195,6 +205,7 @@ def _solve_level(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, p: TVL1Par
                 uw.copy_(median(uw, p.median_filtering))
             for _ in range(p.inner_iterations):
                 err = _primal_dual_step(uw, qw, igw, rhow, nigw, ws, l_t, p.tau, taut)
+                stats["pixel_iterations"] += uw.shape[0] * h * w
                 conv = err <= scaled_eps  # (Bw,)
                 if not bool(conv.any()):
                     continue
@@ -214,8 +225,25 @@ def _solve_level(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, p: TVL1Par
             u[active], q[active] = uw, qw
 
 
-def _solve_batch(gray0: np.ndarray, gray1: np.ndarray, params: TVL1Params, device: torch.device) -> np.ndarray:
-    """TV-L1 flow for one batch: (B, H, W) uint8 or float32 [0, 1] frames -> (B, 2, H, W) float32 pixels."""
+def _solve_batch(
+    gray0: np.ndarray,
+    gray1: np.ndarray,
+    params: TVL1Params,
+    device: torch.device,
+    *,
+    kernels: FusedKernels | None = None,
+    stats: dict[str, int] | None = None,
+) -> np.ndarray:
+    """TV-L1 flow for one batch: (B, H, W) uint8 or float32 [0, 1] frames -> (B, 2, H, W) float32 pixels.
+
+    `kernels` selects the fused path (`vidistill.flow.fused`); None runs the eager kernels.
+    `stats["pixel_iterations"]` counts the work done.
+    """
+    stats = {"pixel_iterations": 0} if stats is None else stats
+    stats.setdefault("pixel_iterations", 0)
+    n = gray0.shape[0]
+    if kernels is not None and n == 1:  # the fused path keeps batches >= 2 (no size-1 recompilation)
+        gray0, gray1 = np.concatenate([gray0, gray0]), np.concatenate([gray1, gray1])
     scale = 1.0 if gray0.dtype == np.uint8 else 255.0  # OpenCV works on 0..255 floats
     i0 = torch.from_numpy(gray0).to(device=device, dtype=torch.float32).mul_(scale)
     i1 = torch.from_numpy(gray1).to(device=device, dtype=torch.float32).mul_(scale)
@@ -227,11 +255,40 @@ def _solve_batch(gray0: np.ndarray, gray1: np.ndarray, params: TVL1Params, devic
         pyr1.append(_resize(pyr1[-1], size, step))
     u = i0.new_zeros((i0.shape[0], 2, *sizes[-1]))
     for level in range(len(sizes) - 1, -1, -1):
-        _solve_level(pyr0[level], pyr1[level], u, params)
+        if kernels is None:
+            _solve_level(pyr0[level], pyr1[level], u, params, stats)
+        else:
+            solve_level_fused(pyr0[level], pyr1[level], u, params, kernels, warp=_warp, gradient=_centred_gradient, stats=stats)
         if level > 0:
             (h0, w0), (h1, w1) = sizes[level], sizes[level - 1]
             u = _resize(u, (h1, w1), (h1 / h0, w1 / w0)).mul_(1.0 / params.scale_step)
-    return u.cpu().numpy()
+    return u[:n].cpu().numpy()
+
+
+def resolve_compile(compile: str, device: torch.device) -> str | None:
+    """The torch.compile mode `compile` asks for on `device`, or None for the eager kernels.
+
+    "off": eager. "on": fused kernels (`torch.compile`, mode "default"). "graphs": fused kernels
+    replayed as CUDA graphs (mode "reduce-overhead"; CUDA only). "auto": "on" on CUDA when Triton
+    is importable, else eager (on CPU the eager kernels with cv2's median are faster: the fused path
+    was measured slower there).
+
+    Raises:
+        ValueError: for an unknown value, or "graphs" off CUDA.
+    """
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"tvl1: compile must be one of {COMPILE_CHOICES}, got {compile!r}")
+    if compile == "graphs" and device.type != "cuda":
+        raise ValueError(f"tvl1: compile='graphs' (CUDA graphs) needs a CUDA device, got {device}; use 'on' or 'off'")
+    if compile == "auto":
+        if device.type != "cuda":
+            return None
+        try:
+            import triton  # noqa: F401 - inductor's GPU code generator
+        except ImportError:
+            return None
+        return "default"
+    return None if compile == "off" else _MODES[compile]
 
 
 def default_batch_size(height: int, width: int, device: torch.device, *, pairs: int, threads: int = 1) -> int:
@@ -244,6 +301,9 @@ def default_batch_size(height: int, width: int, device: torch.device, *, pairs: 
     return max(1, min((1 << 16) // (height * width), -(-pairs // threads)))
 
 
+_AUTO_FAILED: list[str] = []  # why "auto" fell back to eager in this process (compile errors), once
+
+
 def tvl1_torch(
     gray0: np.ndarray,
     gray1: np.ndarray,
@@ -252,6 +312,8 @@ def tvl1_torch(
     device: torch.device,
     batch_size: int | None = None,
     threads: int | None = None,
+    compile: str = "off",
+    stats: dict[str, int] | None = None,
 ) -> np.ndarray:
     """TV-L1 flow for N pairs, solved in batches.
 
@@ -265,25 +327,60 @@ def tvl1_torch(
         device: torch device to compute on.
         batch_size: pairs solved together (bounds memory); default `default_batch_size`. On CPU,
             small batches that stay in cache run fastest (about 64k pixels: 5 pairs of 112x112).
-        threads: CPU worker threads; default `torch.get_num_threads()`. Ignored on other devices.
+        threads: CPU worker threads; default `torch.get_num_threads()`. Ignored on other devices
+            and on the fused path.
+        compile: "off" (eager kernels), "on" / "graphs" (fused path, `torch.compile` without / with
+            CUDA graphs) or "auto" (see `resolve_compile`; falls back to eager, with a warning, if
+            compiling fails).
+        stats: if given, `stats["pixel_iterations"]` is increased by the work done (pairs x pixels
+            of every iteration) and `stats["path"]` set to "eager" or the compile mode used.
 
     Returns:
         (N, 2, H, W) float32 flow in pixels.
+
+    Raises:
+        ValueError: for a bad `compile` value (see `resolve_compile`).
     """
     n, h, w = gray0.shape
+    mode = resolve_compile(compile, device)
+    if mode is not None and compile == "auto" and _AUTO_FAILED:
+        mode = None
     threads = threads or torch.get_num_threads()
     bs = batch_size or default_batch_size(h, w, device, pairs=n, threads=threads)
     starts = range(0, n, bs)
     out = np.empty((n, 2, h, w), dtype=np.float32)
+    counts: list[dict[str, int]] = []
 
-    def solve(start: int) -> None:
+    def solve(start: int, kernels: FusedKernels | None = None) -> None:
+        batch_stats = {"pixel_iterations": 0}
+        counts.append(batch_stats)
         with torch.no_grad():
-            out[start : start + bs] = _solve_batch(gray0[start : start + bs], gray1[start : start + bs], params, device)
+            out[start : start + bs] = _solve_batch(
+                gray0[start : start + bs], gray1[start : start + bs], params, device, kernels=kernels, stats=batch_stats
+            )
 
+    def finish(path: str) -> np.ndarray:
+        if stats is not None:
+            stats["pixel_iterations"] = stats.get("pixel_iterations", 0) + sum(c["pixel_iterations"] for c in counts)
+            stats["path"] = path
+        return out
+
+    if mode is not None:
+        kernels = fused_kernels(mode)
+        try:
+            for start in starts:
+                solve(start, kernels)
+            return finish(mode)
+        except Exception as e:  # noqa: BLE001 - "auto" must not fail where eager works; "on"/"graphs" re-raise
+            if compile != "auto":
+                raise
+            _AUTO_FAILED.append(f"{type(e).__name__}: {e}".splitlines()[0][:300])
+            log.warning("tvl1: compiling the fused TV-L1 path failed (%s); using the eager kernels", _AUTO_FAILED[0])
+            counts.clear()
     if device.type != "cpu":
         for start in starts:
             solve(start)
-        return out
+        return finish("eager")
     workers = max(1, min(threads, len(starts)))
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -296,4 +393,4 @@ def tvl1_torch(
                 list(pool.map(solve, starts))
     finally:
         torch.set_num_threads(previous)
-    return out
+    return finish("eager")

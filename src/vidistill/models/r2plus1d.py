@@ -121,13 +121,25 @@ class R2Plus1d(ZooModel):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
 
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's spatio-temporal feature map, before pooling (e.g. SAKD's DPP features, eq. 7).
+
+        Args:
+            x: RGB `(B, 3, T, H, W)` in [0, 1] or flow `(B, 2, T-1, H, W)` in pixels.
+
+        Returns:
+            `(B, D, T', H', W')`; its mean over `(T', H', W')` is the `features` of `forward`. For
+            `r2plus1d_teacher` on 8×56×56 clips: `(B, 192, 2, 2, 2)`.
+        """
+        return self.stages(self.stem(self.normalize(x)))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`x`: RGB `(B, 3, T, H, W)` in [0, 1] or flow `(B, 2, T-1, H, W)` in pixels.
 
         Returns:
             `(logits (B, K), features (B, D))`, features = pooled last-stage activations.
         """
-        x = self.stages(self.stem(self.normalize(x)))  # (B, D, T', H', W')
+        x = self.forward_map(x)  # (B, D, T', H', W')
         features = self.pool(x).flatten(1)  # (B, D)
         return self.head(self.dropout(features)), features
 

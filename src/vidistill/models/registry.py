@@ -52,12 +52,24 @@ def register_model(fn: B | None = None, *, modalities: tuple[str, ...] = ("rgb",
     return add(fn) if fn is not None else add
 
 
+def _load_plugins() -> None:
+    """Presets of other packages: the `vidistill.models` entry points, and the `vidistill.methods` ones
+    (a method's module may register the composite student it trains), once per process."""
+    from vidistill.plugins import METHODS_GROUP, MODELS_GROUP, load_entry_points
+
+    load_entry_points(MODELS_GROUP)
+    load_entry_points(METHODS_GROUP)
+
+
 def list_models() -> list[str]:
-    """Names of all registered presets, sorted."""
+    """Names of all registered presets (built-in and from plugins, see `vidistill.plugins`), sorted."""
+    _load_plugins()
     return sorted(_REGISTRY)
 
 
 def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        _load_plugins()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     return _REGISTRY[name]

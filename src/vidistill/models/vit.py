@@ -1,8 +1,9 @@
 """Tiny vision transformers: a video ViT with tubelet embedding (ViViT / VideoMAE style) and an image ViT.
 
-Both expose `forward_tokens(x, mask=None)` for masked feature distillation (MVD, Wang et al. 2023):
-the boolean token mask (True = masked) drops tokens *before* the encoder, so the encoder only sees
-the visible tokens, as in VideoMAE. Position embeddings are learned and sized for the given input,
+Both expose `forward_tokens(x, mask=None, final_norm=True)` for masked feature distillation (MVD, Wang
+et al. 2023): the boolean token mask (True = masked) drops tokens *before* the encoder, so the encoder
+only sees the visible tokens, as in VideoMAE; `final_norm=False` gives the last block's tokens before
+the final LayerNorm (MVD's teacher targets). Position embeddings are learned and sized for the given input,
 so a model exports only at its fixed T and size (the batch stays dynamic).
 """
 
@@ -96,15 +97,17 @@ class VisionTransformer(ZooModel):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over the flattened patch (MAE)
         nn.init.zeros_(self.patch_embed.bias)
 
-    def _encode(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """`x` -> normalised encoder output `(B, [1 +] N_visible, D)` (the CLS token first if any)."""
+    def _encode(self, x: torch.Tensor, mask: torch.Tensor | None, *, final_norm: bool = True) -> torch.Tensor:
+        """`x` -> encoder output `(B, [1 +] N_visible, D)` (the CLS token first if any), after the final
+        LayerNorm unless `final_norm` is False."""
         tokens = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2)  # (B, N, D)
         tokens = tokens + self.pos_embed
         if mask is not None:
             tokens = self._drop_masked(tokens, mask)  # (B, N_visible, D)
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        return self.norm(self.blocks(tokens))
+        tokens = self.blocks(tokens)
+        return self.norm(tokens) if final_norm else tokens
 
     def _drop_masked(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, n, d = tokens.shape
@@ -115,18 +118,21 @@ class VisionTransformer(ZooModel):
             raise ValueError(f"every sample must keep the same number (>= 1) of visible tokens, got {visible.tolist()}; mask the same count per sample")
         return tokens[~mask].view(b, -1, d)  # keeps token order within each sample
 
-    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, final_norm: bool = True) -> torch.Tensor:
         """Per-token features of the (visible) tokens.
 
         Args:
             x: RGB in [0, 1], `(B, 3, T, H, W)` (video) or `(B, 3, H, W)` (image).
             mask: optional bool `(B, N)`, True = masked; masked tokens never reach the encoder. Each
                 sample must keep the same number of visible tokens.
+            final_norm: apply the encoder's final LayerNorm (True, as `forward` does). False returns the
+                last block's output, which MVD's teachers give as targets (the authors' release,
+                `modeling_teacher.py` / `modeling_video_teacher.py`, skip `self.norm`).
 
         Returns:
-            `(B, N, D)` without a mask, `(B, N_visible, D)` with one, in grid order.
+            `(B, N, D)` without a mask, `(B, N_visible, D)` with one, in grid order (no CLS token).
         """
-        tokens = self._encode(x, mask)
+        tokens = self._encode(x, mask, final_norm=final_norm)
         return tokens[:, 1:] if self.cls_token is not None else tokens
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,96 @@ def _history(c: Any, model_name: str) -> list[str]:
     return json.loads(c.get_registered_model(model_name).tags.get(HISTORY_TAG, "[]"))
 
 
+def _registered(c: Any, model_name: str) -> Any:
+    """The registered model, or a one-line ValueError naming what exists."""
+    try:
+        return c.get_registered_model(model_name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        names = sorted(m.name for m in c.search_registered_models(max_results=50))
+        known = f"registered models: {', '.join(names)}" if names else "no model is registered there"
+        raise ValueError(f"registered model {model_name!r} does not exist on {mlflow.get_tracking_uri()}; {known}") from None
+
+
+def _versions(c: Any, model_name: str) -> list[str]:
+    """The existing versions of `model_name`, oldest first."""
+    return sorted((str(v.version) for v in c.search_model_versions(f"name = '{model_name}'")), key=int)
+
+
+def _version(c: Any, model_name: str, version: str | int) -> Any:
+    """A model version, or a one-line ValueError (deleted or never registered) listing the existing ones."""
+    version = str(version)
+    _registered(c, model_name)
+    if not version.isdigit():
+        raise ValueError(f"version must be a number, got {version!r}; {model_name!r} has versions {_versions(c, model_name)}")
+    try:
+        return c.get_model_version(model_name, version)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        existing = _versions(c, model_name)
+        have = f"its versions are {', '.join(existing)}" if existing else "it has no versions left"
+        raise ValueError(f"{model_name!r} has no version {version} (deleted or never registered); {have}") from None
+
+
+def _exists(c: Any, model_name: str, version: str) -> bool:
+    try:
+        c.get_model_version(model_name, version)
+        return True
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return False
+
+
+def resolve(model_uri: str) -> Any:
+    """The registered model version a `models:/` URI names, in every form MLflow accepts.
+
+    Forms: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME/latest` (the highest existing
+    version), `models:/NAME/STAGE` (deprecated stages: the latest version in that stage).
+
+    Raises:
+        ValueError: a malformed URI, or a model, version, alias or stage that does not exist (one line
+            naming it and what does exist).
+    """
+    from mlflow.store.artifact.utils.models import _parse_model_uri
+
+    try:
+        parsed = _parse_model_uri(model_uri)
+    except MlflowException:
+        parsed = None
+    if parsed is None or parsed.model_id is not None:
+        raise ValueError(
+            f"expected a registry URI models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest, got {model_uri!r}"
+        )
+    c = client()
+    name = parsed.name
+    reg = _registered(c, name)
+    if parsed.version is not None:
+        return _version(c, name, parsed.version)
+    if parsed.alias is not None:
+        try:
+            return c.get_model_version_by_alias(name, parsed.alias)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            aliases = {a: str(v) for a, v in (reg.aliases or {}).items()}
+            have = f"its aliases are {aliases}" if aliases else "it has no aliases; promote a version with `vidistill promote`"
+            raise ValueError(f"{name!r} has no alias {parsed.alias!r} (its version may have been deleted); {have}") from None
+    if parsed.stage is not None:
+        with warnings.catch_warnings():  # stages are deprecated; the URI form is still MLflow's
+            warnings.simplefilter("ignore", FutureWarning)
+            latest = c.get_latest_versions(name, [parsed.stage])
+        if not latest:
+            raise ValueError(f"{name!r} has no version in stage {parsed.stage!r}; use models:/{name}@champion or models:/{name}/latest")
+        return max(latest, key=lambda v: int(v.version))
+    existing = _versions(c, name)
+    if not existing:
+        raise ValueError(f"{name!r} has no versions left; register one with `vidistill register`")
+    return c.get_model_version(name, existing[-1])
+
+
 def _metric(version: Any, metric: str) -> float:
     if metric not in version.tags:
         raise ValueError(
@@ -181,7 +272,7 @@ def promote(model_name: str, version: str | int, *, margin: float, metric: str =
         raise ValueError(f"promotion margin must be >= 0, got {margin}")
     c = client()
     version = str(version)
-    cand = c.get_model_version(model_name, version)
+    cand = _version(c, model_name, version)
     cand_value = _metric(cand, metric)
     current = _champion(c, model_name)
     champ_value = _metric(current, metric) if current is not None else None
@@ -245,65 +336,80 @@ def promote(model_name: str, version: str | int, *, margin: float, metric: str =
 def rollback(model_name: str, to_version: str | int | None = None) -> dict[str, Any]:
     """Move the `champion` alias back.
 
+    Versions deleted from the registry are skipped: without `to_version` the target is the newest
+    entry of `champion_history` before the current champion that still exists (and passed parity);
+    deleted entries are dropped from the history.
+
     Args:
         model_name: registered model name.
-        to_version: version to make champion (must have passed parity); default: the previous
-            entry of `champion_history`.
+        to_version: version to make champion (must exist and have passed parity); default: the
+            previous champion that still exists.
 
     Returns:
-        `{"model_name", "from_version", "to_version", "history"}`.
+        `{"model_name", "from_version", "to_version", "history", "skipped"}` (`skipped`: history
+        entries passed over because they were deleted).
+
+    Raises:
+        ValueError: no such model or version, a version that failed parity, or no earlier champion
+            left (one line).
     """
     c = client()
+    _registered(c, model_name)
     current = _champion(c, model_name)
     history = _history(c, model_name)
     from_version = str(current.version) if current is not None else None
+    skipped: list[str] = []
     if to_version is None:
-        if len(history) < 2:
+        # walk back from the newest entry: drop the current champion and deleted versions
+        kept = list(history)
+        target = None
+        while kept:
+            last = kept[-1]
+            if last == from_version:
+                kept.pop()
+            elif not _exists(c, model_name, last):
+                skipped.append(last)
+                kept.pop()
+            else:
+                target = last
+                break
+        if target is None:
             raise ValueError(
-                f"{model_name!r} has no previous champion to roll back to (champion_history={history}); "
-                "pass to_version= explicitly"
+                f"{model_name!r} has no previous champion to roll back to (champion_history={history}, "
+                f"deleted: {skipped or 'none'}, current champion: {from_version or 'none'}); pass --version explicitly"
             )
-        target = history[-2]
-        history = history[:-1]
+        history = kept
     else:
         target = str(to_version)
-        try:
-            mv = c.get_model_version(model_name, target)
-        except MlflowException:
-            raise ValueError(f"{model_name!r} has no version {target!r}") from None
+        mv = _version(c, model_name, target)
         if mv.tags.get("parity_passed") != "true":
             raise ValueError(f"refusing to roll {model_name!r} back to version {target}: its ONNX parity check did not pass")
         history = history[: len(history) - history[::-1].index(target)] if target in history else history + [target]
+        skipped = [v for v in history if not _exists(c, model_name, v)]
+        history = [v for v in history if v not in skipped]
     c.set_registered_model_alias(model_name, CHAMPION, target)
     c.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
     c.set_model_version_tag(model_name, target, "promotion.decision", "champion")
     c.set_model_version_tag(model_name, target, "promotion.reason", f"rollback from version {from_version}")
-    return {"model_name": model_name, "from_version": from_version, "to_version": target, "history": history}
+    return {"model_name": model_name, "from_version": from_version, "to_version": target, "history": history, "skipped": skipped}
 
 
 def download_model(model_uri: str, dst: str | Path | None = None) -> dict[str, Any]:
-    """Download a registered ONNX model (`models:/NAME@alias` or `models:/NAME/VERSION`).
+    """Download a registered ONNX model named by any `models:/` form `resolve` accepts.
 
     Args:
-        model_uri: registry URI.
+        model_uri: registry URI (`models:/NAME@alias`, `models:/NAME/VERSION`, `models:/NAME/latest`).
         dst: directory to download into (default: a new temporary directory).
 
     Returns:
         `{"onnx_path": Path, "classes": list[str] | None, "name": str, "version": str}`.
+
+    Raises:
+        ValueError: the URI does not resolve (one line, see `resolve`).
+        FileNotFoundError: the version has no `model.onnx`.
     """
-    if not model_uri.startswith("models:/"):
-        raise ValueError(f"expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
-    c = client()
-    ref = model_uri.removeprefix("models:/")
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = c.get_model_version_by_alias(name, alias)
-        else:
-            name, _, ver = ref.rpartition("/")
-            mv = c.get_model_version(name, ver)
-    except MlflowException as e:
-        raise ValueError(f"cannot resolve {model_uri!r} on {mlflow.get_tracking_uri()}: {e.message}") from None
+    mv = resolve(model_uri)
+    name = mv.name
     out = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="vidistill-model-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(out)))
     found = sorted(local.rglob(MODEL_FILE)) if local.is_dir() else [local]
@@ -311,4 +417,3 @@ def download_model(model_uri: str, dst: str | Path | None = None) -> dict[str, A
         raise FileNotFoundError(f"{model_uri} (version {mv.version}) has no {MODEL_FILE} in its artifacts at {local}")
     classes = json.loads(mv.tags["classes"]) if "classes" in mv.tags else read_metadata(found[0]).get("classes")
     return {"onnx_path": found[0], "classes": classes, "name": name, "version": str(mv.version)}
-

@@ -1,61 +1,65 @@
-"""ONNX Runtime inference server speaking the KServe v2 inference protocol (FastAPI + uvicorn).
+"""ONNX Runtime inference server speaking the KServe v2 inference protocol: REST (FastAPI + uvicorn)
+and gRPC (grpc.aio) in one process, one model, one dynamic batcher, Prometheus metrics.
 
-Endpoints (`{name}` is the served model's name):
+REST endpoints (`{name}` is the served model's name; each `/v2/models/{name}/...` path also exists as
+`/v2/models/{name}/versions/{version}/...`):
 
-    GET  /v2                                    server metadata
+    GET  /v2                                    server metadata (extensions: binary_tensor_data)
     GET  /v2/health/live, /v2/health/ready      liveness / readiness
     GET  /v2/models/{name}                      metadata: inputs/outputs with datatype and shape
     GET  /v2/models/{name}/ready                model readiness
-    POST /v2/models/{name}/infer                KServe v2 JSON: {"inputs": [{"name": "input",
-                                                "shape": [B, 3, T, H, W], "datatype": "FP32", "data": [...]}]}
-    POST /v2/models/{name}/classify?top_k=5     raw video bytes as the body (no multipart); the
-                                                clips are sampled like prep's evaluation clips
+    POST /v2/models/{name}/infer                v2 infer: JSON, or the binary tensor data extension
+                                                (JSON header + raw little-endian tensors, header length
+                                                in Inference-Header-Content-Length), or both mixed;
+                                                gzip/deflate request bodies (Content-Encoding)
+    POST /v2/models/{name}/classify?top_k=5     raw video bytes as the body; clips are sampled like
+                                                prep's evaluation clips, their probabilities averaged
+    GET  /metrics                               Prometheus text format (see `vidistill.serve.metrics`)
 
-Every refused request gets a 4xx JSON `{"error": "..."}` naming the problem and the server goes on:
-malformed JSON, wrong input name/shape/datatype, NaN/Inf, oversized body (refused by
-Content-Length before reading), a body that is not a decodable video, an unknown model (404).
-Optional dynamic batching gathers concurrent infer requests for up to `max_wait_ms` or
-`max_batch` clips into one ONNX Runtime call.
+gRPC (`--grpc-port`, default 8081): `inference.GRPCInferenceService` (see `vidistill.serve.grpc_server`).
+
+Every refused request gets the protocol's error shape, `{"error": "<one line>"}`, with a 4xx status
+(400 malformed or inconsistent, 404 unknown model/version/path, 405 wrong method, 413 body over
+`--max-body-mb`, refused by Content-Length before reading, 415 unknown Content-Encoding), and the
+server goes on. A 5xx means a server fault, never a client's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import json
-import math
 import shutil
+import socket
 import tempfile
-from collections.abc import AsyncIterator
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vidistill import __version__
 from vidistill.config import PrepConfig
 from vidistill.data.video import VideoError, load_clips
-from vidistill.export.runtime import INPUT_NAME, OUTPUT_NAMES, make_session, read_metadata
+from vidistill.export.runtime import OUTPUT_NAMES, make_session, read_metadata
+from vidistill.serve.batching import Runner
+from vidistill.serve.metrics import ServerMetrics
+from vidistill.serve.defaults import DEFAULT_GRPC_PORT, DEFAULT_MAX_BODY_MB
+from vidistill.serve.protocol import FP32, INFERENCE_HEADER, ProtocolError, TensorSpec, parse_rest, rest_response
 
-DEFAULT_MAX_BODY_MB = 32.0
-MAX_REQUEST_BATCH = 64  # clips per infer request
 MAX_CLASSIFY_CLIPS = 32
-
-
-class RequestError(Exception):
-    """A client error: answered with `status` and `{"error": message}`."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+EXTENSIONS = ["binary_tensor_data"]
 
 
 @dataclass
@@ -69,6 +73,7 @@ class LoadedModel:
         classes: class names in label order.
         frames: T; size: H = W (fixed input dims); preprocess: how prep made clips (stride, ...).
         source: where it was loaded from (path or `models:/` URI).
+        load_seconds: time to download (registry) and open the session.
     """
 
     name: str
@@ -79,25 +84,30 @@ class LoadedModel:
     size: int
     preprocess: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    load_seconds: float = 0.0
+    platform: str = "onnxruntime_onnx"
+
+    @cached_property
+    def inputs(self) -> list[TensorSpec]:
+        return [_spec(v) for v in self.session.get_inputs()]
+
+    @cached_property
+    def outputs(self) -> list[TensorSpec]:
+        return [_spec(v) for v in self.session.get_outputs()]
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """`x` (B, 3, T, H, W) float32 -> {"logits": (B, K), "features": (B, D)}."""
-        outs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        outs = self.session.run(list(OUTPUT_NAMES), {self.session.get_inputs()[0].name: x})
         return dict(zip(OUTPUT_NAMES, outs, strict=True))
 
     def metadata(self) -> dict[str, Any]:
         """KServe v2 model metadata."""
-
-        def spec(v: Any) -> dict[str, Any]:
-            shape = [d if isinstance(d, int) else -1 for d in v.shape]
-            return {"name": v.name, "datatype": "FP32", "shape": shape}
-
         return {
             "name": self.name,
             "versions": [self.version],
-            "platform": "onnxruntime_onnx",
-            "inputs": [spec(v) for v in self.session.get_inputs()],
-            "outputs": [spec(v) for v in self.session.get_outputs()],
+            "platform": self.platform,
+            "inputs": [s.as_dict() for s in self.inputs],
+            "outputs": [s.as_dict() for s in self.outputs],
             "parameters": {
                 "classes": self.classes,
                 "input_range": "RGB float32 in [0, 1], normalisation inside the model",
@@ -106,17 +116,31 @@ class LoadedModel:
         }
 
 
-def load_model(model: str, *, name: str | None = None, threads: int | None = None) -> LoadedModel:
-    """Load `model` (a path to `model.onnx`, or `models:/NAME@alias` / `models:/NAME/VERSION`).
+def _spec(v: Any) -> TensorSpec:
+    if v.type != "tensor(float)":
+        raise ValueError(f"tensor {v.name!r} has ONNX type {v.type}; vidistill serves float32 students only")
+    return TensorSpec(v.name, FP32, tuple(d if isinstance(d, int) else -1 for d in v.shape))
 
-    Registry models are downloaded with MLflow to a temporary directory (tracking server from
-    `$MLFLOW_TRACKING_URI`); classes come from the version's `classes` tag, else the ONNX metadata.
+
+def load_model(model: str, *, name: str | None = None, threads: int | None = None) -> LoadedModel:
+    """Load `model`: a path to `model.onnx` (or its directory) or a registry URI.
+
+    Registry URIs are every form MLflow accepts for a registered model (`models:/NAME@alias`,
+    `models:/NAME/VERSION`, `models:/NAME/latest`), downloaded with MLflow to a temporary directory
+    (tracking server from `$MLFLOW_TRACKING_URI`); classes come from the version's `classes` tag,
+    else the ONNX metadata.
 
     Args:
         model: model file or registry URI.
         name: name to serve under (default: the registered name, or "vidistill" for a file).
         threads: ONNX Runtime intra-op threads (None: ORT default).
+
+    Raises:
+        ValueError: a registry URI that does not resolve, or a model without vidistill metadata
+            (one-line message).
+        FileNotFoundError: a path that does not exist.
     """
+    t0 = time.perf_counter()
     version = "1"
     if model.startswith("models:/"):
         from vidistill.registry.models import download_model
@@ -130,6 +154,8 @@ def load_model(model: str, *, name: str | None = None, threads: int | None = Non
         path = Path(model)
         if path.is_dir():
             path = path / "model.onnx"
+        if not path.is_file():
+            raise FileNotFoundError(f"model {model!r} does not exist; pass a model.onnx path or models:/NAME@champion")
         classes = None
     meta = read_metadata(path)
     for key in ("frames", "size"):
@@ -137,120 +163,99 @@ def load_model(model: str, *, name: str | None = None, threads: int | None = Non
             raise ValueError(f"{path} has no vidistill.{key} metadata; export it with vidistill.export.export_onnx")
     session = make_session(path, threads=threads)
     classes = classes or meta.get("classes") or [str(i) for i in range(meta.get("num_classes", 0))]
-    return LoadedModel(
+    loaded = LoadedModel(
         name=name or "vidistill", version=version, session=session, classes=list(classes),
         frames=meta["frames"], size=meta["size"], preprocess=meta.get("preprocess", {}), source=model,
     )
+    loaded.inputs, loaded.outputs  # noqa: B018 - refuse a non-float32 model at load time
+    loaded.load_seconds = time.perf_counter() - t0
+    return loaded
 
 
-class Batcher:
-    """Dynamic batching: one worker drains a queue, gathering up to `max_batch` clips or `max_wait_ms`."""
+@dataclass
+class ServerState:
+    """What both front ends share: the model, the runner (batching), the metrics."""
 
-    def __init__(self, model: LoadedModel, *, max_batch: int, max_wait_ms: float) -> None:
-        self.model = model
-        self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000.0
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
-        self.task: asyncio.Task | None = None
+    model: LoadedModel
+    runner: Runner
+    metrics: ServerMetrics
+    ready: bool = True
 
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._worker())
+    def check_model(self, name: str, version: str | None) -> None:
+        """404 unless `name` (and `version`, when given) is the served model."""
+        if name != self.model.name:
+            raise ProtocolError(404, f"model {name!r} not found; this server serves {self.model.name!r}")
+        if version is not None and version != self.model.version:
+            raise ProtocolError(404, f"model {name!r} has no version {version!r} here; this server serves version {self.model.version!r}")
 
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "vidistill", "version": __version__, "extensions": EXTENSIONS}
 
-    async def submit(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self.queue.put((x, fut))
-        return await fut
 
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            items = [await self.queue.get()]
-            total = items[0][0].shape[0]
-            deadline = loop.time() + self.max_wait
-            while total < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), remaining)
-                except TimeoutError:
-                    break
-                items.append(item)
-                total += item[0].shape[0]
-            batch = np.concatenate([x for x, _ in items])  # (sum B, 3, T, H, W)
-            try:
-                outs = await asyncio.to_thread(self.model.run, batch)
-            except Exception as e:  # the ORT failure goes to every waiting request
-                for _, fut in items:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            start = 0
-            for x, fut in items:
-                n = x.shape[0]
-                if not fut.done():
-                    fut.set_result({k: v[start : start + n] for k, v in outs.items()})
-                start += n
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+class _MetricsMiddleware:
+    """Counts every REST answer by route template and status, and times it (pure ASGI, no buffering)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe("rest", endpoint, status[0], time.perf_counter() - t0)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) by Content-Length before reading, or while streaming."""
+    """The request body, refusing (413) by Content-Length before reading, or while streaming; a
+    gzip/deflate `Content-Encoding` is undone with the same limit on the decoded size."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
             size = int(declared)
         except ValueError:
-            raise RequestError(400, f"invalid Content-Length header {declared!r}") from None
+            raise ProtocolError(400, f"invalid Content-Length header {declared!r}") from None
         if size > limit:
-            raise RequestError(413, f"payload of {size} bytes exceeds the limit of {limit} bytes (--max-body-mb)")
+            raise ProtocolError(413, f"payload of {size} bytes exceeds the limit of {limit} bytes (--max-body-mb)")
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise RequestError(413, f"payload exceeds the limit of {limit} bytes (--max-body-mb)")
+            raise ProtocolError(413, f"payload exceeds the limit of {limit} bytes (--max-body-mb)")
         chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_infer(body: bytes, model: LoadedModel) -> tuple[np.ndarray, dict[str, Any]]:
-    """Validate a KServe v2 infer request; returns the (B, 3, T, H, W) float32 input and the request."""
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ProtocolError(415, f"unsupported Content-Encoding {encoding!r}; send identity, gzip or deflate")
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
-        req = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"malformed JSON body: {e}") from None
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or len(req["inputs"]) != 1:
-        raise RequestError(400, 'request must be a JSON object with "inputs": a list holding exactly one tensor named "input"')
-    spec = req["inputs"][0]
-    if not isinstance(spec, dict):
-        raise RequestError(400, f'"inputs"[0] must be an object with name, shape, datatype and data, got {type(spec).__name__}')
-    missing = [k for k in ("name", "shape", "datatype", "data") if k not in spec]
-    if missing:
-        raise RequestError(400, f'input tensor is missing {", ".join(missing)}')
-    if spec["name"] != INPUT_NAME:
-        raise RequestError(400, f'unknown input {spec["name"]!r}; the model has one input named {INPUT_NAME!r}')
-    if spec["datatype"] != "FP32":
-        raise RequestError(400, f'datatype must be "FP32" (RGB float in [0, 1]), got {spec["datatype"]!r}')
-    shape = spec["shape"]
-    expected = [3, model.frames, model.size, model.size]
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
-        raise RequestError(400, f"shape must be a list of integers, got {shape!r}")
-    if len(shape) != 5 or shape[1:] != expected or not 1 <= shape[0] <= MAX_REQUEST_BATCH:
-        raise RequestError(
-            400, f"wrong shape {shape}: expected [B, {', '.join(map(str, expected))}] (B, 3, T, H, W) with 1 <= B <= {MAX_REQUEST_BATCH}"
-        )
-    try:
-        x = np.asarray(spec["data"], dtype=np.float32)
-    except (ValueError, TypeError) as e:
-        raise RequestError(400, f"data must be a (flat or nested) list of numbers: {e}") from None
-    if x.size != math.prod(shape):
-        raise RequestError(400, f"data holds {x.size} values but shape {shape} needs {math.prod(shape)}")
-    if not np.isfinite(x).all():
-        raise RequestError(400, f"data contains {int((~np.isfinite(x)).sum())} NaN/Inf values; send finite RGB values in [0, 1]")
-    return np.ascontiguousarray(x.reshape(shape)), req
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ProtocolError(400, f"the {encoding} body does not decompress: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise ProtocolError(413, f"the decompressed payload exceeds the limit of {limit} bytes (--max-body-mb)")
+    if not d.eof:
+        raise ProtocolError(400, f"the {encoding} body does not decompress: it ends before the compressed stream does")
+    return out
 
 
 def create_app(
@@ -260,20 +265,33 @@ def create_app(
     batching: bool = False,
     max_batch: int = 16,
     max_wait_ms: float = 5.0,
+    grpc_host: str = "127.0.0.1",
+    grpc_port: int | None = None,
 ) -> FastAPI:
-    """Build the FastAPI app serving `model` (see the module docstring for the endpoints).
+    """Build the REST app serving `model`; with `grpc_port`, its lifespan also runs the gRPC server.
 
     Args:
         model: the loaded model.
-        max_body_mb: largest accepted request body, in MiB.
-        batching: gather concurrent infer requests into one ORT call.
+        max_body_mb: largest accepted request body (REST) or message (gRPC), in MiB.
+        batching: gather concurrent infer requests (REST and gRPC alike) into one ORT call.
         max_batch: clips per gathered batch.
         max_wait_ms: how long the first request of a batch waits for others.
+        grpc_host: gRPC bind address.
+        grpc_port: gRPC port (None: no gRPC; 0: a free port, see `app.state.grpc_port`).
+
+    Raises:
+        ValueError: a setting out of range.
     """
-    if max_body_mb <= 0 or max_batch < 1 or max_wait_ms < 0:
+    if not max_body_mb > 0 or max_batch < 1 or not max_wait_ms >= 0:
         raise ValueError(f"need max_body_mb > 0, max_batch >= 1, max_wait_ms >= 0; got {max_body_mb}, {max_batch}, {max_wait_ms}")
+    if grpc_port is not None and not 0 <= grpc_port <= 65535:
+        raise ValueError(f"grpc_port must be in [0, 65535], got {grpc_port}")
     limit = int(max_body_mb * 1024 * 1024)
-    batcher = Batcher(model, max_batch=max_batch, max_wait_ms=max_wait_ms) if batching else None
+    metrics = ServerMetrics.create()
+    metrics.load_seconds.set(model.load_seconds)
+    metrics.model_info.labels(model.name, model.version, model.source).set(1)
+    runner = Runner(model.run, metrics, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    state = ServerState(model=model, runner=runner, metrics=metrics)
     prep = PrepConfig()
     pre = {
         "stride": prep.stride, "short_side": prep.short_side, "short_policy": prep.short_policy,
@@ -282,105 +300,108 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if batcher is not None:
-            batcher.start()
-        yield
-        if batcher is not None:
-            await batcher.stop()
+        runner.start()
+        grpc_server = None
+        if grpc_port is not None:
+            from vidistill.serve.grpc_server import create_grpc_server
 
-    app = FastAPI(title="vidistill", lifespan=lifespan)
+            grpc_server, app.state.grpc_port = create_grpc_server(state, host=grpc_host, port=grpc_port, max_message_bytes=limit)
+            await grpc_server.start()
+        try:
+            yield
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2)
+            await runner.stop()
+
+    app = FastAPI(title="vidistill", version=__version__, lifespan=lifespan)
     app.state.model = model
+    app.state.server = state
+    app.state.grpc_port = None
 
-    @app.exception_handler(RequestError)
-    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    @app.exception_handler(ProtocolError)
+    async def _protocol_error(request: Request, exc: ProtocolError) -> Response:
+        return _json({"error": exc.message}, exc.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"}, status_code=exc.status_code)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _json({"error": f"{exc.detail}: {request.method} {request.url.path}"}, exc.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"error": f"invalid request: {msgs}"}, status_code=400)
+        return _json({"error": f"invalid request: {msgs}"}, 400)
 
-    def check_name(name: str) -> None:
-        if name != model.name:
-            raise RequestError(404, f"model {name!r} not found; this server serves {model.name!r}")
-
-    async def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        if batcher is not None:
-            return await batcher.submit(x)
-        return await asyncio.to_thread(model.run, x)
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> Response:  # a bug, not the client's fault
+        return _json({"error": f"internal server error: {type(exc).__name__}: {exc}"}, 500)
 
     @app.get("/v2")
-    async def server_metadata() -> dict[str, Any]:
-        return {"name": "vidistill", "version": __version__, "extensions": []}
+    async def server_metadata() -> Response:
+        return _json(state.server_metadata())
 
     @app.get("/v2/health/live")
-    async def live() -> dict[str, bool]:
-        return {"live": True}
+    async def live() -> Response:
+        return _json({"live": True})
 
     @app.get("/v2/health/ready")
-    async def ready() -> dict[str, bool]:
-        return {"ready": True}
+    async def ready() -> Response:
+        return _json({"ready": state.ready})
 
-    @app.get("/v2/models/{name}")
-    async def metadata(name: str) -> dict[str, Any]:
-        check_name(name)
-        return model.metadata()
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v2/models/{name}/ready")
-    async def model_ready(name: str) -> dict[str, Any]:
-        check_name(name)
-        return {"name": name, "ready": True}
+    async def model_metadata(name: str, version: str | None = None) -> Response:
+        state.check_model(name, version)
+        return _json(model.metadata())
 
-    @app.post("/v2/models/{name}/infer")
-    async def infer(name: str, request: Request) -> dict[str, Any]:
-        check_name(name)
-        x, req = parse_infer(await read_body(request, limit), model)
-        outs = await run(x)
-        wanted = [o.get("name") for o in req.get("outputs", []) if isinstance(o, dict)] or list(OUTPUT_NAMES)
-        unknown = sorted(set(wanted) - set(OUTPUT_NAMES))
-        if unknown:
-            raise RequestError(400, f"unknown output(s) {unknown}; the model has {list(OUTPUT_NAMES)}")
-        resp: dict[str, Any] = {
-            "model_name": model.name,
-            "model_version": model.version,
-            "outputs": [
-                {"name": k, "datatype": "FP32", "shape": list(outs[k].shape), "data": outs[k].ravel().tolist()} for k in wanted
-            ],
-        }
-        if "id" in req:
-            resp["id"] = req["id"]
-        return resp
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        state.check_model(name, version)
+        return _json({"name": name, "ready": state.ready})
 
-    @app.post("/v2/models/{name}/classify")
-    async def classify(name: str, request: Request, top_k: int = 5, clips: int | None = None) -> dict[str, Any]:
-        check_name(name)
-        k_max = len(model.classes)
-        if not 1 <= top_k:
-            raise RequestError(400, f"top_k must be >= 1, got {top_k}")
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        state.check_model(name, version)
+        body = await read_body(request, limit)
+        req = parse_rest(body, request.headers.get(INFERENCE_HEADER), model.inputs, model.outputs)
+        outs = await runner(req.x)
+        payload, header_len = rest_response(model.name, model.version, req, outs)
+        if header_len is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_len)})
+
+    async def classify(name: str, request: Request, top_k: int = 5, clips: int | None = None, version: str | None = None) -> Response:
+        state.check_model(name, version)
+        if top_k < 1:
+            raise ProtocolError(400, f"top_k must be >= 1, got {top_k}")
         n_clips = pre["clips"] if clips is None else clips
         if not 1 <= n_clips <= MAX_CLASSIFY_CLIPS:
-            raise RequestError(400, f"clips must be in [1, {MAX_CLASSIFY_CLIPS}], got {n_clips}")
+            raise ProtocolError(400, f"clips must be in [1, {MAX_CLASSIFY_CLIPS}], got {n_clips}")
         body = await read_body(request, limit)
         if not body:
-            raise RequestError(400, "empty body: send the video file's bytes as the request body")
+            raise ProtocolError(400, "empty body: send the video file's bytes as the request body")
         clip_arr = await asyncio.to_thread(_decode, body, model, pre, n_clips)  # (N, T, S, S, 3) uint8
         x = np.ascontiguousarray(clip_arr.transpose(0, 4, 1, 2, 3), dtype=np.float32) / 255.0  # (N, 3, T, S, S)
-        logits = (await run(x))["logits"]  # (N, K)
+        logits = (await runner(x))["logits"]  # (N, K)
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
         mean = probs.mean(axis=0)  # multi-clip evaluation: average of clip probabilities
-        order = np.argsort(-mean)[: min(top_k, k_max)]
-        return {
+        order = np.argsort(-mean)[: min(top_k, len(model.classes))]
+        return _json({
             "model_name": model.name,
             "model_version": model.version,
             "clips": int(x.shape[0]),
             "top_k": [{"index": int(i), "label": model.classes[i], "score": float(mean[i])} for i in order],
-        }
+        })
 
+    routes: list[tuple[str, Callable[..., Awaitable[Response]], str]] = [
+        ("", model_metadata, "GET"), ("/ready", model_ready, "GET"), ("/infer", infer, "POST"), ("/classify", classify, "POST"),
+    ]
+    for suffix, fn, method in routes:
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            app.add_api_route(prefix + suffix, fn, methods=[method])
+
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
     return app
 
 
@@ -395,8 +416,18 @@ def _decode(body: bytes, model: LoadedModel, pre: dict[str, Any], clips: int) ->
                 short_side=max(int(pre["short_side"]), model.size), crop=model.size, policy=str(pre["short_policy"]),
             )
         except VideoError as e:
-            raise RequestError(400, f"the body is not a usable video: {e}") from None
+            raise ProtocolError(400, f"the body is not a usable video: {e}") from None
     return out
+
+
+def _check_free(host: str, port: int, what: str, flag: str) -> None:
+    """Refuse (one line) a port that cannot be bound, before the model is loaded."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot bind the {what} port {host}:{port} ({e.strerror}); choose another with {flag}") from None
 
 
 def serve(
@@ -404,6 +435,7 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8080,
+    grpc_port: int | None = DEFAULT_GRPC_PORT,
     name: str | None = None,
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     batching: bool = False,
@@ -412,22 +444,41 @@ def serve(
     threads: int | None = None,
     log_level: str = "warning",
 ) -> None:
-    """Load `model` and serve it with uvicorn until interrupted.
+    """Load `model` and serve it over REST (uvicorn) and gRPC until interrupted.
 
     Args:
-        model: path to `model.onnx` (or its directory) or `models:/NAME@champion`.
-        host: bind address.
-        port: TCP port.
+        model: path to `model.onnx` (or its directory) or `models:/NAME@champion` (any registry URI form).
+        host: bind address of both servers.
+        port: REST port.
+        grpc_port: gRPC port (None: REST only).
         name: name to serve under (default: registered name, or "vidistill").
         max_body_mb: largest accepted request body, in MiB.
-        batching: dynamic batching of concurrent infer requests.
+        batching: dynamic batching of concurrent infer requests (REST and gRPC).
         max_batch: clips per gathered batch.
         max_wait_ms: batching window.
         threads: ONNX Runtime intra-op threads (None: ORT default).
         log_level: uvicorn log level.
+
+    Raises:
+        ValueError: a bad setting or a model that cannot be resolved, before anything is loaded or bound.
     """
     import uvicorn
 
+    for what, p in (("port", port), ("grpc_port", grpc_port)):
+        if p is not None and not 0 < p <= 65535:
+            raise ValueError(f"{what} must be in [1, 65535], got {p}")
+    if grpc_port is not None and grpc_port == port:
+        raise ValueError(f"the REST and gRPC ports must differ, both are {port}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if not max_body_mb > 0 or max_batch < 1 or not max_wait_ms >= 0:
+        raise ValueError(f"need --max-body-mb > 0, --max-batch >= 1, --max-wait-ms >= 0; got {max_body_mb}, {max_batch}, {max_wait_ms}")
+    for what, flag, p in (("REST", "--port", port), ("gRPC", "--grpc-port", grpc_port)):
+        if p is not None:
+            _check_free(host, p, what, flag)
     loaded = load_model(model, name=name, threads=threads)
-    app = create_app(loaded, max_body_mb=max_body_mb, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    app = create_app(
+        loaded, max_body_mb=max_body_mb, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        grpc_host=host, grpc_port=grpc_port,
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -10,9 +10,30 @@ from torch import nn
 from vidistill.train.loop import atomic_save, load_checkpoint
 
 
-def save_model(path: str | Path, model: nn.Module, *, name: str, kwargs: dict[str, Any], classes: list[str],
-               extra: dict[str, Any] | None = None) -> Path:
-    """Save `model` with its registry name and builder kwargs so `load_model` can rebuild it."""
+def save_model(path: str | Path, model: nn.Module, *, classes: list[str], name: str | None = None,
+               kwargs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Save `model` with its registry name and builder kwargs so `load_model` can rebuild it.
+
+    Args:
+        path: the `model.pt` to write (atomically).
+        model: a model built by `vidistill.models.create_model` (a plain or a composite preset).
+        classes: class names in label order.
+        name: the preset name; default: the one `create_model` recorded (`model.create_kwargs`).
+        kwargs: the builder arguments; default: the ones `create_model` recorded, builder-specific
+            ones (e.g. a composite preset's `base`, `hidden`) included.
+        extra: anything else to keep (method, modality, run id).
+
+    Raises:
+        ValueError: no `name` was given and the model was not built by `create_model`.
+    """
+    recorded = dict(getattr(model, "create_kwargs", None) or {})
+    if name is None:
+        if "name" not in recorded:
+            raise ValueError(f"{type(model).__name__} was not built by vidistill.models.create_model, so model.pt could not "
+                             "rebuild it; register it as a preset (register_model) and build it with create_model")
+        name = recorded["name"]
+    if kwargs is None:
+        kwargs = {k: v for k, v in recorded.items() if k != "name"}
     path = Path(path)
     atomic_save({"name": name, "kwargs": dict(kwargs), "classes": list(classes), "extra": dict(extra or {}),
                  "state_dict": model.state_dict()}, path)
@@ -20,7 +41,11 @@ def save_model(path: str | Path, model: nn.Module, *, name: str, kwargs: dict[st
 
 
 def load_model(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by `save_model`; returns `(model in eval mode, info)`."""
+    """Rebuild a model saved by `save_model`; returns `(model in eval mode, info)`.
+
+    Presets of plugins (composite students of out-of-tree methods) are found through their entry
+    points (`vidistill.plugins`).
+    """
     from vidistill.models import create_model
 
     path = Path(path)

@@ -28,24 +28,29 @@ def champion(model_name: str) -> dict[str, Any] | None:
     return {"version": mv.version, "tags": dict(mv.tags), "source": mv.source}
 
 
-def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workdir: Path = Path(".")) -> dict[str, Any]:
-    """Run the pipeline locally and print the comparison, the champion and where to look."""
+def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workdir: Path = Path("."),
+             cache: bool = True) -> dict[str, Any]:
+    """Run the pipeline locally and print the comparison, the champion and where to look.
+
+    Outputs are found through the index the uncached `track-stages` task writes in this run's folder,
+    so tasks served from kfp.local's cache (`cache=True`) are found where an earlier run made them.
+    """
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from pipelines.runner import local_tracking, run_local
+    from vidistill_pipeline.runner import local_tracking, run_local
 
     console = Console()
     console.rule(f"vidistill pipeline — local run, profile {profile!r}")
     workdir = Path(workdir).resolve()
     with local_tracking(workdir):
-        result = run_local(params, profile=profile, workdir=workdir)
+        result = run_local(params, profile=profile, workdir=workdir, cache=cache)
         model_name = result["params"].get("register", {}).get("model_name", "vidistill-synthetic")
         champ = champion(model_name)
     run_dir: Path = result["run_dir"]
-    report = find_output(run_dir, "report-op", "report")
-    page = find_output(run_dir, "report-op", "page")
-    onnx = find_output(run_dir, "export-op", "onnx") / "model.onnx"
+    index = json.loads(find_output(run_dir, "track-stages-op", "index").read_text())
+    report, page = Path(index["stages"]["report"]["path"]), Path(index["stages"]["page"]["path"])
+    onnx = Path(index["stages"]["export"]["path"]) / "model.onnx"
     console.rule("result")
     console.print(Markdown(report.read_text()))
     if profile in ("demo", "tiny"):
@@ -66,8 +71,11 @@ def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workd
                   f"--host 127.0.0.1 --port 5000\n"
                   f"serve the champion: .venv/bin/vidistill serve --model models:/{model_name}@champion "
                   f"(with MLFLOW_TRACKING_URI={uri})")
+    if index["reused"]:
+        console.print(f"served from the cache (code version {result['code_version']}): {', '.join(index['reused'])}")
     summary = {"profile": profile, "seconds": result["seconds"], "run_dir": str(run_dir), "report": str(report),
-               "onnx": str(onnx), "champion": champ, "tracking_uri": uri}
+               "onnx": str(onnx), "champion": champ, "tracking_uri": uri, "index": index,
+               "code_version": result["code_version"]}
     out = Path(workdir) / "outputs" / "demo_summary.json"
     out.write_text(json.dumps(summary, indent=2, default=str))
     return summary

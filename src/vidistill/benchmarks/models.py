@@ -1,6 +1,6 @@
 """CPU latency (torch eager) and size of every preset, relative to a reference preset in the same run.
 
-    python -m vidistill.models.benchmark [--threads 2] [--batch 1] [--rounds 10] [--iters 10]
+    python -m vidistill.benchmarks.models [--threads 2] [--batch 1] [--rounds 10] [--iters 10]
 """
 
 from __future__ import annotations

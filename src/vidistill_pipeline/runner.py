@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import re
 import time
@@ -13,17 +14,17 @@ from typing import Any
 
 from vidistill.config import ConfigError, load_params, set_dotted
 
-COMPILED = Path(__file__).with_name("vidistill.yaml")
+COMPILED = Path("pipeline.yaml")  # relative to the working directory, beside params.yaml and dvc.yaml
 
 # profile -> dotted overrides of params.yaml. `demo` is `make demo` (within 15 minutes on 2 CPU
-# cores); `tiny` is what the tests run; `large` is for a GPU node pool.
+# cores); `tiny` is what the tests run; `large` is for a GPU node pool. None of them names a method:
+# every profile fans out over params.yaml's `pipeline.methods`.
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "prep.synth.videos_per_class": 4, "prep.frames": 4, "prep.synth.frames": 12, "pipeline.source_prep.synth.videos_per_class": 4,
         "pipeline.source_prep.frames": 10, "pipeline.source_prep.synth.frames": 12, "pretrain.pretext_frames": 4,
         "flow.tvl1.nscales": 2, "flow.tvl1.warps": 2, "flow.tvl1.outer_iterations": 2, "flow.tvl1.inner_iterations": 5,
         "teach.model": "r2plus1d_student", "teach.train.epochs": 1, "pretrain.train.epochs": 1, "distill.train.epochs": 1,
-        "pipeline.methods": ["none", "d3d"],
     },
     "demo": {},
     "large": {
@@ -33,14 +34,30 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def compile_pipeline(path: str | Path = COMPILED) -> Path:
-    """Compile the pipeline to Kubeflow IR YAML (GPU requests, node selectors, tolerations, PVC, secrets)."""
+def code_version() -> str:
+    """Content hash (16 hex digits) of the vidistill library's Python source.
+
+    A local run passes it as the pipeline's `code_version`, so an edit of the library misses the cache
+    of every compute task. (On a cluster the image tag plays that part: tag images per commit.)
+    """
+    import vidistill
+
+    root = Path(vidistill.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def compile_pipeline(path: str | Path = COMPILED, *, params_file: str | Path = "params.yaml") -> Path:
+    """Compile the pipeline to Kubeflow IR YAML (GPU requests, node selectors, tolerations, PVC, secrets),
+    with its defaults (the fan-out over `pipeline.methods`) from `params_file`."""
     from kfp import compiler
 
-    from pipelines.vidistill_pipeline import vidistill_pipeline
+    from vidistill_pipeline.dag import build_pipeline
 
     path = Path(path)
-    compiler.Compiler().compile(vidistill_pipeline, str(path))
+    compiler.Compiler().compile(build_pipeline(load_params(params_file)), str(path))
     return path
 
 
@@ -89,24 +106,33 @@ def local_tracking(workdir: str | Path) -> Iterator[str]:
 
 
 def run_local(params_file: str | Path = "params.yaml", *, profile: str = "demo", workdir: str | Path = ".",
-              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+              overrides: dict[str, Any] | None = None, cache: bool = True) -> dict[str, Any]:
     """Run the whole pipeline on this machine with `kfp.local.SubprocessRunner` (the `make demo` job).
 
-    Call it inside `local_tracking(workdir)` (or with MLFLOW_TRACKING_URI pointing at a server)."""
+    With `cache` (the default) compute tasks whose inputs and `code_version()` match an earlier run in
+    `<workdir>/outputs/kfp` are served from kfp.local's cache, so a rerun after a failure resumes.
+    Call it inside `local_tracking(workdir)` (or with MLFLOW_TRACKING_URI pointing at a server).
+
+    Returns:
+        `seconds`, `pipeline_root`, `run_dir` (this run's folder), `params` (resolved), `code_version`.
+    """
     from kfp import local
 
-    from pipelines.vidistill_pipeline import pipeline_arguments, vidistill_pipeline
+    from vidistill_pipeline.dag import build_pipeline, pipeline_arguments
 
     workdir = Path(workdir).resolve()
     params = resolve_params(params_file, profile=profile, workdir=workdir, overrides=overrides)
     pipeline_root = workdir / "outputs" / "kfp"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True,
+               enable_caching=cache)
+    version = code_version()
+    pipeline = build_pipeline(params)
     t0 = time.perf_counter()
     started = time.time()
-    vidistill_pipeline(**pipeline_arguments(params))
+    pipeline(**pipeline_arguments(params, code_version=version))
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "pipeline_root": pipeline_root, "run_dir": _latest_run(pipeline_root, started),
-            "params": params}
+            "params": params, "code_version": version}
 
 
 def _latest_run(pipeline_root: Path, since: float) -> Path:
@@ -120,18 +146,19 @@ def schedule(host: str, *, cron: str, params_file: str | Path = "params.yaml", e
              job_name: str = "vidistill-nightly", package: str | Path = COMPILED) -> Any:
     """Create a Kubeflow recurring run of the compiled pipeline (6-field cron, seconds first).
 
-    One run at a time (`max_concurrency=1`) and no catch-up of missed runs.
+    One run at a time (`max_concurrency=1`) and no catch-up of missed runs. The runs keep the compiled
+    `code_version` default (the image tag), so the cluster's cache follows the images.
     """
     fields = cron.split()
     if len(fields) != 6:
         raise ConfigError(f"--cron must have 6 fields (seconds first, e.g. '0 0 2 * * *' = 02:00 daily), got {cron!r}")
     import kfp
 
-    from pipelines.vidistill_pipeline import pipeline_arguments
+    from vidistill_pipeline.dag import pipeline_arguments
 
     package = Path(package)
     if not package.exists():
-        compile_pipeline(package)
+        compile_pipeline(package, params_file=params_file)
     client = kfp.Client(host=host)
     exp = client.create_experiment(experiment)
     return client.create_recurring_run(

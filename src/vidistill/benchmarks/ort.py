@@ -1,0 +1,143 @@
+"""`vidistill bench ort`: serving latency and throughput of an exported student per ONNX Runtime provider.
+
+The student is exported with the project's exporter (`export_onnx`: dynamo, dynamic batch, its
+parity gate) and each runtime answers the same clips through `vidistill.export.onnx.latency`, the
+function `vidistill bench serve` uses: host numpy in, host numpy out, so the CUDA rows include the
+copies a server pays. PyTorch eager rows on CPU and CUDA give the reference, and every row's outputs
+are compared with PyTorch's on CPU in float32 (the export's parity reference).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+RUNTIMES = ("ort-cpu", "ort-cuda", "ort-cuda-tf32", "torch-cpu", "torch-cuda")
+
+
+def _unavailable(runtime: str) -> str | None:
+    """Why `runtime` cannot run here, or None."""
+    if runtime.startswith("torch-cuda") and not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    if runtime.startswith("ort-cuda"):
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: "
+                    f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
+    return None
+
+
+def bench_ort(
+    *,
+    runtimes: Sequence[str] = RUNTIMES,
+    batches: Sequence[int] = (1, 8, 32),
+    model: str = "r2plus1d_student",
+    frames: int = 8,
+    size: int = 56,
+    num_classes: int = 10,
+    iters: int = 30,
+    warmup: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Latency (p50/p90) and clips/s of each runtime at each batch size, on the same exported model.
+
+    Args:
+        runtimes: any of "ort-cpu", "ort-cuda" (CUDA provider in float32: the project's sessions),
+            "ort-cuda-tf32" (the CUDA provider with ONNX Runtime's own default, TF32 convolutions),
+            "torch-cpu", "torch-cuda" (eager PyTorch). Runtimes this machine lacks are reported as
+            skipped with the reason.
+        batches: clips per call.
+        model: the preset exported (`create_model`, seeded); frames (T), size (H = W), num_classes (K).
+        iters: timed calls per row; warmup: untimed calls first.
+        seed: model initialisation and clips.
+
+    Returns:
+        {"rows": [...], "onnx_providers": what ONNX Runtime offers, "errors": [...], "skipped": [...]};
+        a row per (runtime, batch): "runtime", "batch", "p50_ms", "p90_ms", "per_clip_ms",
+        "clips_per_s" (batch / p50), "max_abs_diff" (largest |output - PyTorch CPU float32| over logits
+        and features), "top1_agreement", "speedup_vs_ort_cpu" (p50 of ort-cpu / this p50, same batch),
+        and "providers" (the session's, for ONNX Runtime rows: a CUDA row that silently fell back to
+        CPU is an error). A skipped runtime's rows carry "skipped", a failed one's "error".
+
+    Raises:
+        ValueError: an unknown runtime or preset, or bad counts (before any work).
+    """
+    import onnxruntime as ort
+
+    from vidistill.export.onnx import OUTPUT_NAMES, export_onnx, latency
+    from vidistill.export.runtime import INPUT_NAME, make_session
+    from vidistill.models import create_model
+
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown or not runtimes:
+        raise ValueError(f"bench_ort: runtimes must be some of {', '.join(RUNTIMES)}, got {tuple(runtimes)}")
+    if not batches or min(batches) < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"bench_ort: need batches >= 1, iters >= 1, warmup >= 0; got batches={tuple(batches)}, "
+                         f"iters={iters}, warmup={warmup}")
+    torch.manual_seed(seed)
+    net = create_model(model, num_classes=num_classes, frames=frames, size=size).eval()
+    rng = np.random.default_rng(seed)
+    clips = {b: rng.random((b, 3, frames, size, size), dtype=np.float32) for b in batches}  # (B, 3, T, H, W)
+    with torch.no_grad():
+        reference = {b: [t.numpy() for t in net(torch.from_numpy(x))] for b, x in clips.items()}
+    rows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="vidistill-bench-ort-") as tmp:
+        path = export_onnx(net, tmp)
+        for runtime in runtimes:
+            reason = _unavailable(runtime)
+            if reason:
+                skipped.append(f"{runtime}: {reason}")
+                rows += [{"runtime": runtime, "batch": b, "skipped": reason} for b in batches]
+                continue
+            try:
+                if runtime.startswith("ort"):
+                    target: Any = make_session(path, providers=["cuda" if "cuda" in runtime else "cpu"], tf32=runtime.endswith("tf32"))
+                    providers = target.get_providers()
+                    if "cuda" in runtime and providers[0] != "CUDAExecutionProvider":
+                        raise RuntimeError(f"the session fell back to {providers} (CUDA libraries not found?)")
+
+                    def run(x: np.ndarray, s: Any = target) -> list[np.ndarray]:
+                        return s.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+                else:
+                    providers = None
+                    target = create_model(model, num_classes=num_classes, frames=frames, size=size).eval()
+                    target.load_state_dict(net.state_dict())
+                    target.to("cuda" if runtime == "torch-cuda" else "cpu")
+
+                    def run(x: np.ndarray, m: Any = target) -> list[np.ndarray]:
+                        with torch.inference_mode():
+                            dev = next(m.parameters()).device
+                            return [t.cpu().numpy() for t in m(torch.from_numpy(x).to(dev))]
+            except Exception as e:  # noqa: BLE001 - one failing runtime must not hide the others
+                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                errors.append(f"{runtime}: {msg}")
+                rows += [{"runtime": runtime, "batch": b, "error": msg} for b in batches]
+                continue
+            for b, x in clips.items():
+                row: dict[str, Any] = {"runtime": runtime, "batch": b}
+                try:
+                    got = run(x)
+                    diff = max(float(np.max(np.abs(r.astype(np.float64) - g))) for r, g in zip(reference[b], got, strict=True))
+                    lat = latency(target, x, warmup=warmup, iters=iters)
+                    row.update({"p50_ms": round(lat["p50_ms"], 3), "p90_ms": round(lat["p90_ms"], 3),
+                                "per_clip_ms": round(lat["per_clip_ms"], 4), "clips_per_s": round(1000 * b / lat["p50_ms"], 1),
+                                "max_abs_diff": float(f"{diff:.3g}"),
+                                "top1_agreement": float(np.mean(got[0].argmax(1) == reference[b][0].argmax(1)))})
+                    if providers is not None:
+                        row["providers"] = ",".join(p.removesuffix("ExecutionProvider") for p in providers)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                    errors.append(f"{runtime} batch {b}: {row['error']}")
+                rows.append(row)
+    base = {r["batch"]: r["p50_ms"] for r in rows if r["runtime"] == "ort-cpu" and "p50_ms" in r}
+    for r in rows:
+        if "p50_ms" in r and r["batch"] in base:
+            r["speedup_vs_ort_cpu"] = round(base[r["batch"]] / r["p50_ms"], 2)
+    return {"rows": rows, "onnx_providers": ort.get_available_providers(), "errors": errors, "skipped": skipped}

@@ -1,0 +1,287 @@
+"""Kubeflow components: one per stage, thin wrappers over `vidistill.stages`.
+
+They are lightweight Python components (`@dsl.component(base_image=IMAGE)`), so the same definitions
+run on a cluster (in the project image) and locally with `kfp.local.SubprocessRunner` (in the current
+environment). Each body imports `vidistill` and calls one stage.
+
+Outputs are typed: a stage's files go to its output artifact, and what later tasks need (top-1, the
+method, the data hash, the MLflow run id) travels as artifact metadata and `Metrics`, never as JSON
+strings or by reading another task's file layout.
+
+Caching (see `dag.py`): compute components are cached by Kubeflow, whose cache key is the component's
+command (which holds the function's source), its image and its inputs. So compute components take
+`code_version` (the content hash of the library's source, `runner.code_version()`), which changes the
+key when library code changes, and do not take the pipeline's MLflow parent run id, which changes every
+run; their MLflow runs are nested under the parent by `track_stages_op`. Every output artifact is
+written to its path, since `kfp.local` treats an artifact without a file as a cache miss.
+"""
+
+import os
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from vidistill import __version__
+
+# The images components run in (built from docker/; see docker/README.md). Set at compile time:
+# VIDISTILL_IMAGE_REGISTRY (default `localhost:5000`, as docker/build.sh) and VIDISTILL_IMAGE_TAG
+# (default the package version). GPU steps use the CUDA image. The image is part of every cache key.
+REGISTRY = os.environ.get("VIDISTILL_IMAGE_REGISTRY", "localhost:5000")
+TAG = os.environ.get("VIDISTILL_IMAGE_TAG", __version__)
+CPU_IMAGE = f"{REGISTRY}/vidistill:{TAG}-cpu"
+CUDA_IMAGE = f"{REGISTRY}/vidistill:{TAG}-cuda"
+
+
+# ----------------------------------------------------------------------------------------------
+# compute (cached)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def prep_op(params: dict, code_version: str, clips: Output[Dataset]):
+    """Decode videos into uint8 clip shards (`vidistill.stages.prep`).
+
+    `clips.metadata`: clips per split, skipped inputs, `data_hash`, `mlflow_run_id`. `code_version`
+    only keys the cache.
+    """
+    import json
+    from pathlib import Path
+
+    import mlflow
+
+    from vidistill import stages
+
+    summary = stages.run("prep", params, out=clips.path)
+    manifest = json.loads((Path(clips.path) / "manifest.json").read_text())
+    clips.metadata.update({"clips": {k: v["clips"] for k, v in summary["splits"].items()},
+                           "skipped": len(summary["skipped"]), "data_hash": manifest.get("hash", "unknown"),
+                           "mlflow_run_id": mlflow.last_active_run().info.run_id})
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def flow_op(params: dict, code_version: str, clips: Input[Dataset], flow: Output[Dataset]):
+    """TV-L1 flow of every clip (`vidistill.stages.flow`), on the GPU when the pod has one.
+
+    `flow.metadata`: frame pairs, pairs/s, failed clips, `mlflow_run_id`.
+    """
+    import mlflow
+
+    from vidistill import stages
+
+    summary = stages.run("flow", params, clips=clips.path, out=flow.path)
+    flow.metadata.update({k: summary[k] for k in ("pairs", "pairs_per_s", "failed") if k in summary})
+    flow.metadata.update({"data_hash": clips.metadata.get("data_hash", "unknown"),
+                          "mlflow_run_id": mlflow.last_active_run().info.run_id})
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def teach_op(params: dict, code_version: str, modality: str, clips: Input[Dataset], model: Output[Model],
+             metrics: Output[Metrics], flow: Input[Dataset] = None):
+    """Train a teacher (`vidistill.stages.teach`); `model.path` is a directory holding model.pt.
+
+    `metrics`: top1, top5, mAP on the test split. `model.metadata`: the same, the modality and the
+    MLflow run id.
+    """
+    import json
+    from pathlib import Path
+
+    from vidistill import stages
+
+    paths = {"clips": clips.path, "out": model.path, "modality": modality}
+    if flow is not None:
+        paths["flow"] = flow.path
+    result = stages.run("teach", params, **paths)
+    scores = {k: float(result[k]) for k in ("top1", "top5", "mAP")}
+    for key, value in scores.items():
+        metrics.log_metric(key, value)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps(scores))
+    model.metadata.update({**scores, "modality": modality, "data_hash": clips.metadata.get("data_hash", "unknown"),
+                           "mlflow_run_id": result["run_id"]})
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def distill_op(params: dict, code_version: str, method: str, clips: Input[Dataset], flow: Input[Dataset],
+               teacher_rgb: Input[Model], teacher_flow: Input[Model], pretrained: Input[Model],
+               student: Output[Model], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
+    """Distil an RGB student with `method` (`vidistill.stages.distill`) and evaluate it.
+
+    `student.metadata`: method, top1, top5, mAP, train_seconds, classes, data_hash, mlflow_run_id;
+    `metrics` and `confusion` show in the Kubeflow UI.
+    """
+    import json
+    from pathlib import Path
+
+    from vidistill import stages
+
+    result = stages.run("distill", params, method=method, clips=clips.path, flow=flow.path, out=student.path,
+                        teacher_rgb=str(Path(teacher_rgb.path) / "model.pt"),
+                        teacher_flow=str(Path(teacher_flow.path) / "model.pt"),
+                        pretrained=str(Path(pretrained.path) / "model.pt"))
+    evaluation = json.loads((Path(student.path) / "eval" / "metrics.json").read_text())  # this task's own output
+    scores = {k: float(evaluation[k]) for k in ("top1", "top5", "mAP")}
+    for key, value in scores.items():
+        metrics.log_metric(key, value)
+    confusion.log_confusion_matrix(evaluation["classes"], evaluation["confusion_matrix"])
+    for artifact in (metrics, confusion):
+        Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(artifact.path).write_text(json.dumps(artifact.metadata))
+    student.metadata.update({**scores, "method": method, "train_seconds": float(result["train_seconds"]),
+                             "classes": evaluation["classes"], "data_hash": evaluation.get("data_hash", "unknown"),
+                             "mlflow_run_id": result["run_id"]})
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def evaluate_op(params: dict, code_version: str, clips: Input[Dataset], flow: Input[Dataset], rgb: Input[Model],
+                flow_model: Input[Model], report: Output[Artifact], metrics: Output[Metrics]):
+    """The two-stream baseline: softmax average of the RGB and flow teachers (`vidistill.stages.evaluate`).
+
+    `metrics`: top1, top5, mAP. `report` is the evaluation folder (metrics.json, confusion.png); its
+    metadata holds the scores and the MLflow run id (Metrics metadata stays numeric for the UI).
+    """
+    import json
+    from pathlib import Path
+
+    import mlflow
+
+    from vidistill import stages
+
+    checkpoints = ",".join(str(Path(m.path) / "model.pt") for m in (rgb, flow_model))
+    result = stages.run("evaluate", params, clips=clips.path, flow=flow.path, checkpoint=checkpoints, out=report.path)
+    scores = {k: float(result[k]) for k in ("top1", "top5", "mAP")}
+    for key, value in scores.items():
+        metrics.log_metric(key, value)
+    report.metadata.update({**scores, "mlflow_run_id": mlflow.last_active_run().info.run_id})
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps(scores))
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def report_op(students: Input[List[Model]], two_stream: Input[Metrics], report: Output[Markdown], page: Output[HTML]):
+    """Comparison of all students and the two-stream baseline: a Markdown table and an HTML page with the plot."""
+    from pathlib import Path
+
+    from vidistill.evaluate.report import comparison_report
+
+    columns = ("top1", "top5", "mAP")
+    rows = [{"method": "two-stream (teachers)", **{k: two_stream.metadata[k] for k in columns}}]
+    rows += [{"method": s.metadata["method"], "train_seconds": s.metadata["train_seconds"],
+              **{k: s.metadata[k] for k in columns}} for s in students]
+    markdown, html = comparison_report(rows)
+    Path(report.path).write_text(markdown)
+    Path(page.path).write_text(html)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def select_best_op(students: Input[List[Model]], best: Output[Model]):
+    """Copy the student with the highest top-1 (ties: the first in fan-out order) to `best`, metadata included."""
+    import shutil
+
+    winner = max(students, key=lambda s: s.metadata["top1"])
+    shutil.copytree(winner.path, best.path)
+    best.metadata.update(winner.metadata)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def export_op(params: dict, code_version: str, student: Input[Model], clips: Input[Dataset], onnx: Output[Model]) -> bool:
+    """Export the student to ONNX and check parity (`vidistill.stages.export`); returns whether parity passed.
+
+    `onnx.metadata`: the student's metadata plus the parity result (`parity_passed`,
+    `parity_max_abs_diff`, `parity_top1_agreement`, `opset`) and the export's MLflow run id.
+    """
+    from pathlib import Path
+
+    import mlflow
+
+    from vidistill import stages
+    from vidistill.export.onnx import ExportError
+
+    onnx.metadata.update({k: v for k, v in student.metadata.items() if k != "mlflow_run_id"})
+    try:
+        result = stages.run("export", params, model=str(Path(student.path) / "model.pt"), clips=clips.path, out=onnx.path)
+    except ExportError as exc:  # reported, and the pipeline's dsl.If skips registration
+        print(f"export: {exc}")
+        Path(onnx.path).mkdir(parents=True, exist_ok=True)
+        onnx.metadata.update({"parity_passed": False, "error": str(exc)})
+        return False
+    parity = result["parity"]
+    onnx.metadata.update({"parity_passed": bool(parity["passed"]), "parity_max_abs_diff": parity["max_abs_diff"],
+                          "parity_top1_agreement": parity["top1_agreement"], "opset": parity["opset"],
+                          "mlflow_run_id": mlflow.last_active_run().info.run_id})
+    return bool(parity["passed"])
+
+
+# ----------------------------------------------------------------------------------------------
+# side effects (never cached)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def register_op(params: dict, parent_run_id: str, onnx: Input[Model], model_name: str, margin: float) -> str:
+    """Register the ONNX student in MLflow and run the promotion gate (`vidistill.stages.register`).
+
+    The gate reads the student's scores from `onnx.metadata` (written by the distill and export
+    tasks). Returns the registered version.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from vidistill import stages
+
+    meta = dict(onnx.metadata)
+    with tempfile.TemporaryDirectory() as tmp:
+        scores = Path(tmp) / "metrics.json"
+        scores.write_text(json.dumps({k: meta[k] for k in ("top1", "top5", "mAP", "data_hash", "classes") if k in meta}))
+        result = stages.run("register", params, parent_run_id=parent_run_id, onnx=onnx.path, method=meta["method"],
+                            metrics=str(scores), model_name=model_name, margin=margin)
+    return str(result["version"])
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def track_stages_op(parent_run_id: str, clips: Input[Dataset], source_clips: Input[Dataset], flow: Input[Dataset],
+                    teacher_rgb: Input[Model], teacher_flow: Input[Model], encoder: Input[Model],
+                    two_stream: Input[Artifact], students: Input[List[Model]], onnx: Input[Model],
+                    report: Input[Markdown], page: Input[HTML], index: Output[Artifact]):
+    """Nest the stages' MLflow runs under the pipeline's parent run, attach the comparison report to it,
+    and write `index` (JSON: every stage's artifact URI, metadata and MLflow run id), so a local run
+    finds its outputs even where tasks were served from the cache."""
+    import json
+    from pathlib import Path
+
+    from vidistill_pipeline.tracking import adopt_stage_runs, log_report
+
+    stages = {"prep": clips, "prep_source": source_clips, "flow": flow, "teach_rgb": teacher_rgb,
+              "teach_flow": teacher_flow, "pretrain": encoder, "two_stream": two_stream, "export": onnx}
+    stages.update({f"distill_{s.metadata['method']}": s for s in students})
+    entries = {name: {"uri": a.uri, "path": a.path, "metadata": dict(a.metadata)} for name, a in stages.items()}
+    entries["report"] = {"uri": report.uri, "path": report.path}
+    entries["page"] = {"uri": page.uri, "path": page.path}
+    runs = {name: a.metadata["mlflow_run_id"] for name, a in stages.items() if a.metadata.get("mlflow_run_id")}
+    outcome = adopt_stage_runs(parent_run_id, runs)
+    log_report(parent_run_id, report.path, page.path)
+    Path(index.path).write_text(json.dumps({"parent_run_id": parent_run_id, "stages": entries, **outcome}, indent=2))
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def start_pipeline_run_op(name: str, methods: list, model_name: str, code_version: str, job_id: str) -> str:
+    """Open the MLflow parent run of this pipeline execution; returns its id."""
+    from vidistill.registry.tracking import start_pipeline_run
+
+    return start_pipeline_run(name, {"methods": ",".join(methods), "model_name": model_name,
+                                     "code_version": code_version},
+                              tags={"vidistill.pipeline_job_id": job_id})
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def end_pipeline_run_op(job_id: str, status: dsl.PipelineTaskFinalStatus):
+    """Close the parent run with the pipeline's final state (runs even when a task failed).
+
+    An exit task may not depend on other tasks, so it finds the parent run by the job-id tag.
+    """
+    from vidistill.registry.pipeline_runs import end_pipeline_job
+
+    end_pipeline_job(job_id, "FINISHED" if status.state == "SUCCEEDED" else "FAILED")
+
+
+COMPUTE = (prep_op, flow_op, teach_op, distill_op, evaluate_op, report_op, select_best_op, export_op)
+SIDE_EFFECTS = (register_op, track_stages_op, start_pipeline_run_op, end_pipeline_run_op)
