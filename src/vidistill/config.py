@@ -139,6 +139,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    nesterov: bool = True  # sgd: Nesterov momentum
     optimizer: str = "adamw"  # adamw | sgd
     warmup_epochs: int = 1
     label_smoothing: float = 0.0

@@ -170,6 +170,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
 
     method = get_method(cfg.method)
     params = method_params(cfg.method, cfg.methods.get(cfg.method))
+    train_cfg = method.train_config(params, cfg.train)
     train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None)
     files = {n: getattr(cfg, n) for n in method.needs}  # only what the method declares reaches it
     ctx = DistillContext(num_classes=train_set.num_classes, classes=train_set.classes, frames=train_set.frames,
@@ -183,7 +184,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
     tags = {"data_hash": _manifest_hash(cfg.clips), "method": cfg.method,
             "teacher_run_id": teacher_run or "none"}
     with tracked(f"distill_{cfg.method}", cfg, tags=tags, track=track) as run:
-        result = _train_and_evaluate(task, task.export_model, train_set=train_set, train_cfg=cfg.train,
+        result = _train_and_evaluate(task, task.export_model, train_set=train_set, train_cfg=train_cfg,
                                      out=Path(cfg.out), clips=cfg.clips, flow_dir=cfg.flow, resume=cfg.resume,
                                      progress=progress, run=run, stop_after_epochs=stop_after_epochs,
                                      extra={"modality": "rgb", "method": cfg.method})

@@ -21,6 +21,7 @@ is generated deterministically, so it is the same for every seed.
 from __future__ import annotations
 
 import itertools
+import keyword
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -99,6 +100,8 @@ def sweep_grid(key: str, grid: Mapping[str, Sequence[Any]]) -> list[dict[str, An
     from vidistill.schema import coerce, field_default
 
     defaults = {f.name: field_default(f) for f in fields(get_method(key).Params)}
+    # a Python keyword is spelt with a trailing underscore in Params (PEP 8): sweep.sd.lambda means lambda_
+    grid = {(f"{n}_" if keyword.iskeyword(n) and f"{n}_" in defaults else n): v for n, v in grid.items()}
     names = list(grid)
     for name in names:
         if name not in defaults:

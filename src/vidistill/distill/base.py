@@ -130,6 +130,16 @@ class Distiller(TrainTask):
 
         return create_model(cls.student_name(params, default), num_classes=ctx.num_classes, frames=ctx.frames, size=ctx.size)
 
+    @classmethod
+    def train_config(cls, params: Any, train: Any) -> Any:
+        """The optimisation settings this method trains with, from `distill.train` (default: unchanged).
+
+        Called before anything is built, so a setting the method cannot use is refused before any work
+        (raise `ConfigError`). A method whose paper fixes its own schedule (e.g. JEDI's constant
+        learning rate over 500 epochs) returns a `dataclasses.replace`d copy.
+        """
+        return train
+
     def export_model(self) -> nn.Module:
         """The trained module that is saved as `model.pt`, evaluated and exported to ONNX.
 
