@@ -206,6 +206,8 @@ class DistillConfig:
     teacher_rgb: str = "runs/teacher_rgb/model.pt"
     teacher_flow: str = "runs/teacher_flow/model.pt"
     pretrained: str = ""  # model.pt of a pre-trained encoder (sd)
+    student_videos_per_class: int = 0  # the student's labelled videos per class, a stratified subset of clips' train split (teachers see all); 0 = all
+    student_subset_seed: int = 0  # seed of that subset's draw
     resume: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: dict = field(default_factory=dict)  # per-method hyperparameters: methods.<key>.<name>
@@ -221,6 +223,8 @@ class DistillConfig:
         student = get_method(self.method).student_name(params, self.student)
         _check(student in list_models(), f"method {self.method!r} trains the student {student!r}, which is not a registered "
                f"model; choose one of: {', '.join(list_models())}")
+        _check(self.student_videos_per_class >= 0, f"distill.student_videos_per_class must be >= 0 (0 = every training "
+               f"video), got {self.student_videos_per_class}")
         self.out = self.out or f"runs/distill/{self.method}"
         self.train.validate()
 

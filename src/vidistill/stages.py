@@ -171,7 +171,8 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
     method = get_method(cfg.method)
     params = method_params(cfg.method, cfg.methods.get(cfg.method))
     train_cfg = method.train_config(params, cfg.train)
-    train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None)
+    train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None,
+                            videos_per_class=cfg.student_videos_per_class, subset_seed=cfg.student_subset_seed)
     files = {n: getattr(cfg, n) for n in method.needs}  # only what the method declares reaches it
     ctx = DistillContext(num_classes=train_set.num_classes, classes=train_set.classes, frames=train_set.frames,
                          size=train_set.size, label_smoothing=cfg.train.label_smoothing, **files)
