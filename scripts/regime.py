@@ -53,6 +53,7 @@ class Cell:
     # the RGB teacher's labelled pool: domain 0, another synthetic seed
     teacher_vpc: int = 96  # 0: the teacher trains on the student's training clips
     pool_seed: int = 100
+    teacher_seed: int = -1  # training seed of the RGB teacher; -1: the row's seed (>= 0: one teacher for every student seed)
     pool_test_fraction: float = 0.1
     # appearance nuisance (SynthConfig), the same for student data and pool
     colour_jitter: float = 0.0
@@ -149,6 +150,8 @@ _MODEL = {"teacher_rgb": ("frames", "clips_train", "colour_jitter", "mixed_looks
 def row_key(cell: Cell, row: str, seed: int) -> str:
     """What identifies a trained row: its settings and the seed."""
     extra = {"hflip_labels": cell.hflip_labels} if cell.hflip_labels != "mirror" else {}  # rows before the knob keep their keys
+    if cell.teacher_seed >= 0 and row in ("teacher_rgb", "kd"):
+        extra["teacher_seed"] = cell.teacher_seed
     return _key({"row": row, "seed": seed, **{k: getattr(cell, k) for k in _DEPENDS[row]}, **extra})
 
 
@@ -202,11 +205,13 @@ def run_cell(name: str, cell: Cell, work: Path, seeds: list[int], rows: list[str
                 continue
             t0 = time.perf_counter()
             if row == "teacher_rgb" and cell.teacher_vpc:  # on its pool: one model for every student data set
-                out = work / "models" / f"teacher_rgb_{_key({'seed': seed, **{k: getattr(cell, k) for k in _MODEL[row]}})}"
+                t_seed = seed if cell.teacher_seed < 0 else cell.teacher_seed
+                out = work / "models" / f"teacher_rgb_{_key({'seed': t_seed, **{k: getattr(cell, k) for k in _MODEL[row]}})}"
                 r = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else None
                 if r is None:
                     r = stages.teach(TeachConfig(clips=paths["pool"], out=str(out), model=cell.teacher_model,
-                                                 train=TrainConfig(epochs=cell.teacher_epochs, **train)), progress=False, track=False)
+                                                 train=TrainConfig(epochs=cell.teacher_epochs, **{**train, "seed": t_seed})),
+                                     progress=False, track=False)
                     (out / "result.json").write_text(json.dumps(r))
                 ev = stages.evaluate(EvaluateConfig(clips=paths["student"], checkpoint=r["model"], out=str(run / row / "eval_student")),
                                      track=False)
