@@ -18,7 +18,7 @@ COMPILED = Path("pipeline.yaml")  # relative to the working directory, beside pa
 
 # profile -> dotted overrides of params.yaml. `demo` is `make demo` (within 15 minutes on 2 CPU
 # cores); `regime` is `make demo PROFILE=regime`, the setting in which distillation can pay (README,
-# "Benchmark regime"; about 37 minutes on 2 quiet cores, not 15); `tiny` is what the tests run; `large` is for a GPU node pool. None of them names a method:
+# "Benchmark regime"; estimated at about 17 minutes on 2 quiet cores, not 15); `tiny` is what the tests run; `large` is for a GPU node pool. None of them names a method:
 # every profile fans out over params.yaml's `pipeline.methods`.
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
