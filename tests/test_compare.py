@@ -76,5 +76,7 @@ def test_bench_methods_at_toy_scale(tmp_path):
     assert latency["method"] == "d3d (lambda_=1)" and latency["two_stream_row"] == "two-stream: none + teacher flow"
     assert latency["two_stream_ms"] > latency["student_ms"] > 0 and latency["speedup"] > 1
     assert 0 <= latency["accuracy_vs_two_stream"]
-    assert "| d3d (lambda_=1) |" in result["markdown"] and " match |" in result["markdown"].splitlines()[0]
+    md = result["markdown"].splitlines()
+    assert md[0].startswith("| gate |") and len(result["gates"]) == 3  # the regime's gates come first
+    assert "| d3d (lambda_=1) |" in result["markdown"] and " match |" in next(line for line in md if line.startswith("| method"))
     assert json.loads((tmp_path / "result.json").read_text())["settings"]["videos_per_class"] == 3
