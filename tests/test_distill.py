@@ -45,12 +45,14 @@ def teachers(tmp_path_factory):
         kw = dict(num_classes=K, frames=T, size=S, modality=modality)
         paths[modality] = str(save_model(d / f"{modality}.pt", create_model("r2plus1d_student", **kw),
                                          name="r2plus1d_student", kwargs=kw, classes=list("abc")))
+    vit = create_model("vit_video_tiny", num_classes=K, frames=T, size=S)  # what `teach --pretext mvd` saves
+    paths["mvd"] = str(save_model(d / "mvd.pt", vit, classes=list("abc"), extra={"pretext": "mvd"}))
     return paths
 
 
 def _ctx(teachers, **kw):
     return DistillContext(num_classes=K, classes=list("abc"), frames=T, size=S, teacher_rgb=teachers["rgb"],
-                          teacher_flow=teachers["flow"], pretrained=teachers["rgb"], **kw)
+                          teacher_flow=teachers["flow"], pretrained=teachers["rgb"], mvd_encoder=teachers["mvd"], **kw)
 
 
 def _student():

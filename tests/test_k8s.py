@@ -59,9 +59,17 @@ def render(directory: Path) -> list[Resource]:
     return [r for r in yaml.safe_load_all(_rendered(directory)) if r]
 
 
+CLUSTER_SCOPED = {"ClusterTrainingRuntime"}  # k8s/cluster/: installed once per cluster, no namespace
+
+
+def render_overlay(name: str) -> list[Resource]:
+    """The namespace's overlay plus the cluster-scoped overlay of the same name (the TrainJob runtime)."""
+    return render(K8S / "overlays" / name) + render(K8S / "cluster" / "overlays" / name)
+
+
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request: pytest.FixtureRequest) -> tuple[str, list[Resource]]:
-    return request.param, render(K8S / "overlays" / request.param)
+    return request.param, render_overlay(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +93,7 @@ def one(resources: list[Resource], kind: str, name: str) -> Resource:
 def pod_templates(resources: list[Resource]) -> Iterator[tuple[str, dict[str, Any]]]:
     """`(where, pod spec)` for every pod the resources create, as the controllers would build it."""
     runtimes = {r["metadata"]["name"]: r for r in find(resources, "ServingRuntime")}
+    training_runtimes = {r["metadata"]["name"]: r for r in find(resources, "ClusterTrainingRuntime")}
     for r in resources:
         kind, name = r["kind"], r["metadata"]["name"]
         if kind == "StatefulSet":  # the controller adds a volume per claim template
@@ -100,6 +109,11 @@ def pod_templates(resources: list[Resource]) -> Iterator[tuple[str, dict[str, An
         elif kind == "PyTorchJob":
             for replica, spec in r["spec"]["pytorchReplicaSpecs"].items():
                 yield f"{kind}/{name}/{replica}", spec["template"]["spec"]
+        elif kind == "ClusterTrainingRuntime":
+            for job in r["spec"]["template"]["spec"]["replicatedJobs"]:
+                yield f"{kind}/{name}/{job['name']}", job["template"]["spec"]["template"]["spec"]
+        elif kind == "TrainJob" and r["spec"]["runtimeRef"]["name"] in training_runtimes:
+            yield f"{kind}/{name}/node", trainjob_pod(r, training_runtimes[r["spec"]["runtimeRef"]["name"]])
         elif kind == "ServingRuntime":  # its containers, as any InferenceService using it gets them
             yield f"{kind}/{name}", {k: r["spec"][k] for k in ("containers", "volumes") if k in r["spec"]}
         elif kind == "InferenceService":
@@ -113,6 +127,24 @@ def _merge(base: Any, override: Any) -> Any:
     if isinstance(base, dict) and isinstance(override, dict):
         return {**base, **{k: _merge(base.get(k), v) for k, v in override.items()}}
     return copy.deepcopy(override)
+
+
+def trainjob_pod(job: Resource, runtime: Resource) -> dict[str, Any]:
+    """The trainer pod Kubeflow Trainer builds: the runtime's `node` pod with the TrainJob's image,
+    command, args, env (merged by name) and resourcesPerNode put on the `node` container."""
+    (node,) = [j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == "node"]
+    pod = copy.deepcopy(node["template"]["spec"]["template"]["spec"])
+    (container,) = [c for c in pod["containers"] if c["name"] == "node"]
+    trainer = job["spec"].get("trainer", {})
+    for key in ("image", "command", "args"):
+        if key in trainer:
+            container[key] = copy.deepcopy(trainer[key])
+    env = {e["name"]: e for e in container.get("env", [])} | {e["name"]: e for e in trainer.get("env", [])}
+    if env:
+        container["env"] = list(env.values())
+    if "resourcesPerNode" in trainer:
+        container["resources"] = copy.deepcopy(trainer["resourcesPerNode"])
+    return pod
 
 
 def predictor_pod(isvc: Resource, runtimes: dict[str, Resource]) -> dict[str, Any]:
@@ -136,8 +168,10 @@ def predictor_pod(isvc: Resource, runtimes: dict[str, Resource]) -> dict[str, An
 def test_every_pod_kind_is_covered(overlay: tuple[str, list[Resource]]) -> None:
     _, resources = overlay
     where = [w for w, _ in pod_templates(resources)]
-    assert {w.split("/")[0] for w in where} == {"StatefulSet", "Deployment", "Job", "PyTorchJob", "ServingRuntime", "InferenceService"}
+    assert {w.split("/")[0] for w in where} == {"StatefulSet", "Deployment", "Job", "PyTorchJob", "ServingRuntime",
+                                                "InferenceService", "ClusterTrainingRuntime", "TrainJob"}
     assert "PyTorchJob/vidistill-teacher/Master" in where and "PyTorchJob/vidistill-teacher/Worker" in where
+    assert "TrainJob/vidistill-teacher-v2/node" in where and "ClusterTrainingRuntime/vidistill-torch/node" in where
 
 
 def as_pod(spec: dict[str, Any], name: str) -> Resource:
@@ -150,7 +184,7 @@ def as_pod(spec: dict[str, Any], name: str) -> Resource:
 
 def test_core_manifests_valid(overlay: tuple[str, list[Resource]]) -> None:
     _, resources = overlay
-    custom = {"PyTorchJob", "InferenceService", "ServingRuntime"}
+    custom = {"PyTorchJob", "InferenceService", "ServingRuntime", "TrainJob", "ClusterTrainingRuntime"}
     for r in resources:
         if r["kind"] in custom:
             with pytest.raises(kubernetes_validate.SchemaNotFoundError):
@@ -163,10 +197,11 @@ def test_core_manifests_valid(overlay: tuple[str, list[Resource]]) -> None:
 
 
 def test_custom_resource_pod_templates_valid(overlay: tuple[str, list[Resource]]) -> None:
-    """Pod specs inside PyTorchJob, ServingRuntime and InferenceService validate as core Pods."""
+    """Pod specs inside PyTorchJob, ServingRuntime, InferenceService, ClusterTrainingRuntime and TrainJob
+    (the runtime's pod with the job's overrides) validate as core Pods."""
     _, resources = overlay
     for where, spec in pod_templates(resources):
-        if where.split("/")[0] in ("PyTorchJob", "ServingRuntime", "InferenceService"):
+        if where.split("/")[0] in ("PyTorchJob", "ServingRuntime", "InferenceService", "ClusterTrainingRuntime", "TrainJob"):
             try:
                 kubernetes_validate.validate(as_pod(spec, "x"), K8S_VERSION, strict=True)
             except kubernetes_validate.ValidationError as exc:
@@ -188,7 +223,9 @@ def test_everything_in_the_namespace(overlay: tuple[str, list[Resource]]) -> Non
     _, resources = overlay
     assert [r["metadata"]["name"] for r in find(resources, "Namespace")] == [NAMESPACE]
     for r in resources:
-        if r["kind"] != "Namespace":
+        if r["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in r["metadata"], f"{r['kind']}/{r['metadata']['name']} is cluster-scoped"
+        elif r["kind"] != "Namespace":
             assert r["metadata"].get("namespace") == NAMESPACE, f"{r['kind']}/{r['metadata']['name']}"
         assert r["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "vidistill", r["metadata"]["name"]
 
@@ -245,11 +282,11 @@ def test_gpu_pods_scheduled_on_gpu_pool(overlay: tuple[str, list[Resource]]) -> 
         assert key in node_selector and node_selector[key], f"{where}: nodeSelector {node_selector}"
         if value:
             assert node_selector[key] == value
-    assert gpu_pods == 3  # the GPU check Job, the PyTorchJob master and worker
+    assert gpu_pods == 5  # the GPU check Job, the PyTorchJob master and worker, the TrainJob runtime and its job
 
 
 def test_base_leaves_scheduling_and_storage_to_overlays(base: list[Resource]) -> None:
-    for where, spec in pod_templates(base):
+    for where, spec in pod_templates(base + render(K8S / "cluster" / "base")):
         assert "nodeSelector" not in spec, where
     assert "storageClassName" not in one(base, "PersistentVolumeClaim", "vidistill-data")["spec"]
 
@@ -306,7 +343,7 @@ def test_env_expansions_refer_to_earlier_variables(overlay: tuple[str, list[Reso
                 for var in re.findall(r"\$\((\w+)\)", env.get("value", "")):
                     assert var in known, f"{where}/{c['name']}: {env['name']} uses $({var}) before it is defined"
                 known.add(env["name"])
-            if where.startswith("PyTorchJob"):
+            if where.startswith(("PyTorchJob", "TrainJob", "ClusterTrainingRuntime")):
                 known |= operator_env
             for arg in c.get("args", []) + c.get("command", []):
                 for var in re.findall(r"\$\((\w+)\)", arg):
@@ -451,6 +488,55 @@ def test_pytorchjob(overlay: tuple[str, list[Resource]]) -> None:
         assert any(e["name"] == "MLFLOW_TRACKING_URI" and e["value"] == "http://mlflow:5000" for e in c["env"])
 
 
+def test_trainjob(overlay: tuple[str, list[Resource]]) -> None:
+    """The Trainer v2 TrainJob: its runtime exists and is a torch runtime whose pods resume after
+    pre-emption; one process per GPU; the CLI accepts the arguments; the global batch splits evenly."""
+    from vidistill.cli import build_parser
+
+    _, resources = overlay
+    job = one(resources, "TrainJob", "vidistill-teacher-v2")
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    ref = job["spec"]["runtimeRef"]
+    assert ref["apiGroup"] == "trainer.kubeflow.org" and ref["kind"] == "ClusterTrainingRuntime"
+    runtime = one(resources, "ClusterTrainingRuntime", ref["name"])
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch" and "torch" in runtime["spec"]["mlPolicy"]
+    jobset = runtime["spec"]["template"]["spec"]
+    assert jobset["failurePolicy"]["maxRestarts"] >= 1, "a pre-empted pod must restart the JobSet"
+    (node,) = jobset["replicatedJobs"]
+    assert node["name"] == "node" and node["template"]["spec"]["backoffLimit"] == 0
+    assert node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    trainer = job["spec"]["trainer"]
+    gpus = trainer["numProcPerNode"]
+    assert isinstance(gpus, int) and str(trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]) == str(gpus)
+    assert trainer["resourcesPerNode"]["requests"]["nvidia.com/gpu"] == trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]
+    argv = trainer["command"] + trainer["args"]
+    assert argv[:4] == ["torchrun", "--no-python", "vidistill", "teach"]
+    args = build_parser().parse_args(argv[3:])
+    assert getattr(args, "cfg:resume") is True and getattr(args, "cfg:train.device") == "cuda"
+    assert int(getattr(args, "cfg:train.batch_size")) % (gpus * trainer["numNodes"]) == 0
+    (pod,) = [s for w, s in pod_templates(resources) if w == "TrainJob/vidistill-teacher-v2/node"]
+    (c,) = pod["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert c["workingDir"] in mounts and "/dev/shm" in mounts
+
+
+def test_trainjob_launcher_rbac(overlay: tuple[str, list[Resource]]) -> None:
+    """The role lets the pipeline's launcher make every API call `vidistill_pipeline.trainjob.launch` makes."""
+    _, resources = overlay
+    role = one(resources, "Role", "vidistill-trainjob-launcher")
+    binding = one(resources, "RoleBinding", "vidistill-trainjob-launcher")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert all(s["kind"] == "ServiceAccount" and s["namespace"] == NAMESPACE for s in binding["subjects"])
+
+    def may(group: str, resource: str, verb: str) -> bool:
+        return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in role["rules"])
+
+    calls = [("trainer.kubeflow.org", "trainjobs", "create"), ("trainer.kubeflow.org", "trainjobs", "get"),
+             ("", "pods", "list"), ("", "pods/log", "get")]
+    assert all(may(*call) for call in calls)
+    assert not may("trainer.kubeflow.org", "trainjobs", "delete") and not may("", "secrets", "get"), "least privilege"
+
+
 def test_inference_service(overlay: tuple[str, list[Resource]]) -> None:
     _, resources = overlay
     isvc = one(resources, "InferenceService", "vidistill-student")
@@ -552,6 +638,9 @@ def test_network_policies(overlay: tuple[str, list[Resource]]) -> None:
     assert allowed(postgres, 5432, mlflow)
     assert not allowed(postgres, 5432, job) and not allowed(postgres, 5432, teacher) and not allowed(postgres, 5432, {}, ns="default")
     assert allowed(teacher, 29500, teacher) and not allowed(teacher, 23456, job)
+    runtime = one(resources, "ClusterTrainingRuntime", "vidistill-torch")["spec"]["template"]["spec"]["replicatedJobs"][0]
+    node = runtime["template"]["spec"]["template"]["metadata"]["labels"]
+    assert allowed(node, 29500, node) and not allowed(node, 29500, job) and not allowed(node, 29500, node, ns="default")
     assert allowed(predictor, 8080, {}, ns="istio-system") and not allowed(predictor, 22, {}, ns="istio-system")
     assert not allowed(job, 8080, mlflow) and not allowed(job, 8080, {}, ns_labels=here)
 
@@ -572,18 +661,30 @@ def _mutations() -> list[tuple[str, Any]]:
     def real_password(rs: list[Resource]) -> None:
         one(rs, "Secret", "vidistill-postgres")["stringData"]["POSTGRES_PASSWORD"] = "hunter2hunter2"
 
+    def root_trainer(rs: list[Resource]) -> None:
+        runtime = one(rs, "ClusterTrainingRuntime", "vidistill-torch")
+        pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+        pod["containers"][0]["securityContext"]["runAsUser"] = 0
+
+    def no_resume(rs: list[Resource]) -> None:
+        one(rs, "TrainJob", "vidistill-teacher-v2")["spec"]["trainer"]["args"].remove("--resume")
+
+    def open_ddp(rs: list[Resource]) -> None:
+        one(rs, "NetworkPolicy", "allow-trainjob-ddp")["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]
+
     def no_toleration(rs: list[Resource]) -> None:
         del one(rs, "Job", "vidistill-gpu-check")["spec"]["template"]["spec"]["tolerations"]
 
     return [(test_pod_security, rw_root), (test_pod_security, no_limits), (test_pod_security, root_runtime),
             (test_network_policies, open_postgres), (test_secrets_hold_placeholders_only, real_password),
-            (test_gpu_pods_scheduled_on_gpu_pool, no_toleration)]
+            (test_gpu_pods_scheduled_on_gpu_pool, no_toleration), (test_pod_security, root_trainer),
+            (test_trainjob, no_resume), (test_network_policies, open_ddp)]
 
 
 @pytest.mark.parametrize(("check", "mutate"), _mutations(), ids=lambda f: f.__name__)
 def test_checks_catch_violations(check: Any, mutate: Any) -> None:
     """Each policy check fails on a manifest set that breaks it (the checks are live)."""
-    resources = render(K8S / "overlays" / "gke")
+    resources = render_overlay("gke")
     check(("gke", resources))  # passes as rendered
     mutate(resources)
     with pytest.raises(AssertionError):

@@ -18,13 +18,14 @@ import yaml
 
 from vidistill.config import load_params
 from vidistill.distill import get_method, list_methods
-from vidistill_pipeline import components, dvc, runner
+from vidistill_pipeline import components, dvc, runner, shards
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PARAMS = load_params(ROOT / "params.yaml")
 METHODS = PARAMS["pipeline"]["methods"]
-GPU_EXECUTORS = {"exec-flow-op", "exec-teach-op", "exec-teach-op-2", "exec-teach-op-3", "exec-distill-op"}
+GPU_EXECUTORS = {"exec-flow-shard-op", "exec-teach-op", "exec-teach-op-2", "exec-teach-op-3", "exec-distill-op",
+                 "exec-method-pretrain-op", "exec-method-pretrain-op-2", "exec-method-pretrain-op-3"}
 
 
 def _name(component) -> str:
@@ -65,11 +66,11 @@ def test_fanout_defaults_to_params_yaml_methods(ir):
     spec, _, _ = ir
     assert METHODS and set(METHODS) <= set(list_methods())
     assert spec["root"]["inputDefinitions"]["parameters"]["methods"]["defaultValue"] == METHODS
-    loops = [c for name, c in spec["components"].items() if name.startswith("comp-for-loop")]
+    loops = [c for name, c in spec["components"].items() if name.startswith("comp-for-loop")
+             and [t["componentRef"]["name"] for t in c["dag"]["tasks"].values()] == ["comp-distill-op"]]
     assert len(loops) == 1
-    assert [t["componentRef"]["name"] for t in loops[0]["dag"]["tasks"].values()] == ["comp-distill-op"]
-    loop_task = next(t for t in _all_tasks(spec).values() if t.get("parameterIterator"))
-    assert "methods" in loop_task["parameterIterator"]["items"]["inputParameter"]
+    iterators = [t["parameterIterator"]["items"] for t in _all_tasks(spec).values() if t.get("parameterIterator")]
+    assert sum("methods" in items.get("inputParameter", "") for items in iterators) == 1
 
 
 def test_fanout_default_follows_params_and_refuses_unknown_methods(tmp_path):
@@ -111,8 +112,8 @@ def test_every_task_mounts_data_and_reads_mlflow_secret(ir):
 
 def test_caching_on_for_compute_off_for_side_effects(ir):
     spec, _, _ = ir
-    compute = {_name(c) for c in components.COMPUTE}
-    side = {_name(c) for c in components.SIDE_EFFECTS}
+    compute = {_name(c) for c in components.COMPUTE + shards.COMPUTE}
+    side = {_name(c) for c in components.SIDE_EFFECTS + shards.UNCACHED}
     tasks = _container_tasks(spec)
     seen = set()
     for name, task in tasks.items():
@@ -144,14 +145,50 @@ def test_outputs_are_typed(ir):
     spec, _, _ = ir
     params_out = {name: set(c.get("outputDefinitions", {}).get("parameters", {}))
                   for name, c in spec["components"].items() if "executorLabel" in c}
-    assert params_out.pop("comp-export-op") == {"Output"}
+    assert params_out.pop("comp-export-op") == {"Output"} and params_out.pop("comp-shard-plan-op") == {"Output"}
     assert params_out.pop("comp-register-op") == {"Output"} and params_out.pop("comp-start-pipeline-run-op") == {"Output"}
+    assert params_out.pop("comp-not-registered-op") == {"Output"}  # the registration outcome (JSON) for the report
     assert not any(params_out.values()), params_out
     artifacts = spec["components"]["comp-distill-op"]["outputDefinitions"]["artifacts"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in artifacts.items()} == {
         "student": "system.Model", "metrics": "system.Metrics", "confusion": "system.ClassificationMetrics"}
     report_in = spec["components"]["comp-report-op"]["inputDefinitions"]["artifacts"]
-    assert report_in["students"]["isArtifactList"] and report_in["two_stream"]["artifactType"]["schemaTitle"] == "system.Metrics"
+    assert report_in["students"]["isArtifactList"] and report_in["two_stream"]["artifactType"]["schemaTitle"] == "system.Artifact"
+    published = spec["components"]["comp-publish-report-op"]["outputDefinitions"]["artifacts"]
+    assert {k: v["artifactType"]["schemaTitle"] for k, v in published.items()} == {  # what the Kubeflow UI shows
+        "report": "system.Markdown", "page": "system.HTML"}
+
+
+def test_prep_and_flow_fan_out_over_shards(ir):
+    """prep (CPU) and flow (GPU) run inside fan-outs over the shard numbers the plan task returns;
+    the merges collect every shard; `shards` is a pipeline parameter defaulting to params.yaml's."""
+    spec, executors, _ = ir
+    loops = {tuple(t["componentRef"]["name"] for t in c["dag"]["tasks"].values()): c
+             for name, c in spec["components"].items() if name.startswith("comp-for-loop")}
+    assert ("comp-prep-shard-op",) in loops and ("comp-flow-shard-op",) in loops
+    loop_tasks = [t for t in _all_tasks(spec).values() if t.get("parameterIterator")]
+    shard_loops = [t for t in loop_tasks if t["parameterIterator"]["items"].get("inputParameter", "").startswith("pipelinechannel--shard-plan-op")]
+    assert len(shard_loops) == 2
+    for t in shard_loops:
+        assert t["dependentTasks"][0] == "shard-plan-op" or "shard-plan-op" in t["dependentTasks"]
+    tasks = _container_tasks(spec)
+    merges = {t["componentRef"]["name"]: t for t in tasks.values() if t["componentRef"]["name"] in ("comp-merge-prep-op", "comp-merge-flow-op")}
+    assert set(merges) == {"comp-merge-prep-op", "comp-merge-flow-op"}
+    for t in merges.values():
+        assert t["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]["producerTask"].startswith("for-loop")
+    assert spec["root"]["inputDefinitions"]["parameters"]["shards"]["defaultValue"] == PARAMS["pipeline"].get("shards", 1)
+    assert "accelerator" in spec["deploymentSpec"]["executors"]["exec-flow-shard-op"]["container"]["resources"]
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-prep-shard-op"]["container"].get("resources", {})
+
+
+def test_bad_shards_refused_at_build(tmp_path):
+    from vidistill.config import ConfigError
+    from vidistill_pipeline.dag import build_pipeline
+
+    params = load_params(ROOT / "params.yaml")
+    params["pipeline"]["shards"] = 0
+    with pytest.raises(ConfigError, match="pipeline.shards must be an integer >= 1"):
+        build_pipeline(params)
 
 
 def test_images_are_ours(ir):
@@ -161,11 +198,19 @@ def test_images_are_ours(ir):
 
 
 def test_parity_gate_guards_registration(ir):
+    """Registration runs only when parity passed (dsl.If); otherwise (dsl.Else) the outcome says why, and the
+    report is published with whichever outcome ran (dsl.OneOf)."""
     spec, _, _ = ir
-    cond = [c for n, c in spec["components"].items() if n.startswith("comp-condition")]
-    assert len(cond) == 1 and [t["componentRef"]["name"] for t in cond[0]["dag"]["tasks"].values()] == ["comp-register-op"]
-    cond_task = next(t for t in _all_tasks(spec).values() if t.get("triggerPolicy", {}).get("condition"))
-    assert "export-op" in cond_task["triggerPolicy"]["condition"] and "== true" in cond_task["triggerPolicy"]["condition"]
+    cond = {n: [t["componentRef"]["name"] for t in c["dag"]["tasks"].values()]
+            for n, c in spec["components"].items() if n.startswith("comp-condition") and "branches" not in n}
+    assert sorted(cond.values()) == [["comp-not-registered-op"], ["comp-register-op"]], cond
+    conditions = {t["componentRef"]["name"]: t["triggerPolicy"]["condition"] for t in _all_tasks(spec).values()
+                  if t.get("triggerPolicy", {}).get("condition")}
+    passed = next(c for n, c in conditions.items() if cond.get(n) == ["comp-register-op"])
+    failed = next(c for n, c in conditions.items() if cond.get(n) == ["comp-not-registered-op"])
+    assert "export-op" in passed and "== true" in passed and failed.startswith("!(") and "== true" in failed
+    publish = next(t for t in _all_tasks(spec).values() if t["componentRef"]["name"] == "comp-publish-report-op")
+    assert "decision" in publish["inputs"]["parameters"]
 
 
 def test_exit_handler_closes_the_mlflow_run(ir):

@@ -3,6 +3,13 @@
 Every stage command reads its section of `params.yaml` (`--params`), then applies command-line
 flags, which are generated from the stage's config dataclass (`--epochs 3`, `--synth-domain 1`;
 `--set section.key=value` reaches anything), validates, and calls one function in `stages`.
+
+A mistake a user can fix (`vidistill.errors.UserError`: a bad parameter, a missing or broken file, an
+output location that cannot be written or is in use, a loss that diverged) is printed as one line
+naming the value or file and what to do, with exit status 2; `--debug` (or `VIDISTILL_DEBUG=1`)
+shows its traceback. Any other exception is a bug and keeps its traceback. Ctrl-C and SIGTERM end
+the stage's MLflow run as KILLED and exit with 130 / 143; `--resume` continues from the last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -10,11 +17,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from vidistill import config as C
+from vidistill.errors import Terminated, UserError
+
+DEBUG_ENV = "VIDISTILL_DEBUG"
 
 # command -> (params.yaml section, config class)
 STAGE_CONFIGS: dict[str, tuple[str, type]] = {
@@ -117,6 +128,8 @@ def _summarise_prep(s: dict[str, Any]) -> None:
         print(f"prep: {len(s['notes'])} file(s) used with fewer frames than declared or stored:")
         for item in s["notes"]:
             print(f"  - {item['file']}: {item['note']}")
+    for warning in s.get("warnings", []):
+        print(f"prep: warning: {warning}")
 
 
 def cmd_flow(cfg: C.FlowConfig, args: argparse.Namespace) -> None:
@@ -129,13 +142,25 @@ def cmd_flow(cfg: C.FlowConfig, args: argparse.Namespace) -> None:
         print(f"flow: failed clips are stored as zero flow; {cfg.out}/manifest.json lists each with its reason")
 
 
+def _scores(s: dict[str, Any]) -> str:
+    """`top1 0.857 (mean class 0.500) top5 ... mAP ...`: mean class accuracy beside top-1, which alone hides
+    a model that always answers the majority class."""
+    mca = s.get("mean_class_accuracy")
+    beside = f" (mean class {mca:.3f})" if isinstance(mca, float) else ""
+    return f"top1 {s['top1']:.3f}{beside} top5 {s['top5']:.3f} mAP {s['mAP']:.3f}"
+
+
 def cmd_teach(cfg: C.TeachConfig, args: argparse.Namespace) -> None:
     from vidistill import stages
 
     s = stages.teach(cfg, progress=not args.quiet, track=not args.no_track)
+    if "heldout_loss" in s:  # a masked pretext: no classifier
+        print(f"teach (--pretext {cfg.pretext}): held-out masked-reconstruction loss {s['heldout_loss_init']:.4f} "
+              f"untrained -> {s['heldout_loss']:.4f} -> {s['model']}")
+        return
     if "top1" not in s:  # a worker rank under torchrun: rank 0 reports
         return
-    print(f"teach ({cfg.modality}): top1 {s['top1']:.3f} top5 {s['top5']:.3f} mAP {s['mAP']:.3f} -> {s['model']}")
+    print(f"teach ({cfg.modality}): {_scores(s)} -> {s['model']}")
 
 
 def cmd_distill(cfg: C.DistillConfig, args: argparse.Namespace) -> None:
@@ -144,15 +169,14 @@ def cmd_distill(cfg: C.DistillConfig, args: argparse.Namespace) -> None:
     s = stages.distill(cfg, progress=not args.quiet, track=not args.no_track)
     if "top1" not in s:  # a worker rank under torchrun: rank 0 reports
         return
-    print(f"distill ({cfg.method}): top1 {s['top1']:.3f} top5 {s['top5']:.3f} mAP {s['mAP']:.3f} -> {s['model']}")
+    print(f"distill ({cfg.method}): {_scores(s)} -> {s['model']}")
 
 
 def cmd_evaluate(cfg: C.EvaluateConfig, args: argparse.Namespace) -> None:
     from vidistill import stages
 
     m = stages.evaluate(cfg, track=not args.no_track)
-    print(f"evaluate: top1 {m['top1']:.3f} top5 {m['top5']:.3f} mAP {m['mAP']:.3f} "
-          f"mean-class {m['mean_class_accuracy']:.3f} -> {m['files']['metrics']}, {m['files']['confusion']}")
+    print(f"evaluate: {_scores(m)} -> {m['files']['metrics']}, {m['files']['confusion']}")
 
 
 def cmd_export(cfg: C.ExportConfig, args: argparse.Namespace) -> None:
@@ -204,6 +228,8 @@ def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidistill", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of a user error too (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (section, cls) in STAGE_CONFIGS.items():
         p = sub.add_parser(name, help=HELP[name], description=HELP[name])
@@ -215,12 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(p, cls)
     add_plugin_commands(sub)  # `pipeline` and `demo` come from the orchestration package
     promote = sub.add_parser("promote", help="gate a registered version: champion if parity passed and top-1 beats the champion by --margin")
-    promote.add_argument("--model-name", required=True)
-    promote.add_argument("--version", required=True)
-    promote.add_argument("--margin", type=float, default=0.0)
+    promote.add_argument("--model-name", required=True, help="registered model name (register.model_name)")
+    promote.add_argument("--version", required=True, help="the registered version to gate")
+    promote.add_argument("--margin", type=float, default=0.0,
+                         help="top-1 the version must gain over the champion to replace it (default 0.0)")
     rollback = sub.add_parser("rollback", help="move the champion alias back to --version or the previous champion")
-    rollback.add_argument("--model-name", required=True)
-    rollback.add_argument("--version", default=None)
+    rollback.add_argument("--model-name", required=True, help="registered model name (register.model_name)")
+    rollback.add_argument("--version", default=None, help="version to make champion (default: the previous champion)")
     serve = sub.add_parser("serve", help="serve an ONNX student with ONNX Runtime: KServe v2 over REST (JSON, binary) and gRPC, video upload, metrics")
     from vidistill.serve.options import add_serve_arguments
 
@@ -229,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (numbers for the README)")
     from vidistill.benchmarks import BENCHMARKS
 
-    bench.add_argument("what", choices=list(BENCHMARKS))
+    bench.add_argument("what", choices=list(BENCHMARKS), help="which benchmark: " + ", ".join(BENCHMARKS))
     bench.add_argument("--quick", action="store_true", help="fewer items, for a smoke run")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.add_argument("--set", action="append", metavar="NAME=VALUE",
@@ -256,14 +283,25 @@ def _list_methods() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (C.ConfigError, FileNotFoundError, ValueError, ImportError)
+    """Exceptions whose message is the whole story: printed as one line, no traceback."""
+    errors: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, ValueError, ImportError,
+                                                FloatingPointError, PermissionError)
     if "vidistill.export.onnx" in sys.modules:
         errors += (sys.modules["vidistill.export.onnx"].ExportError,)
     return errors
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+    from vidistill import interrupts
+
+    restore = interrupts.install()  # Ctrl-C and SIGTERM end the MLflow run as KILLED, never mid-write
     try:
         if args.command in STAGE_CONFIGS:
             section, cls = STAGE_CONFIGS[args.command]
@@ -274,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("promote", "rollback"):
             from vidistill.registry.models import promote, rollback
 
+            C.validate_model_name(args.model_name, "--model-name")
             if args.command == "promote":
                 _print(promote(args.model_name, args.version, margin=args.margin))
             else:
@@ -291,14 +330,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     except Exception as exc:  # user-caused errors get one line; anything else is a bug and keeps its traceback
-        if not isinstance(exc, _user_errors()):
+        if debug or not isinstance(exc, _user_errors()):
             raise
-        print(f"vidistill {args.command}: error: {exc}", file=sys.stderr)
+        print(f"vidistill {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"vidistill {args.command}: interrupted; rerun with --resume to continue from the last checkpoint",
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"vidistill {args.command}: {what}; rerun with --resume to continue from the last checkpoint",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        restore()
     return 0
 
 

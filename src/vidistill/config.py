@@ -7,8 +7,12 @@ Values come from (lowest to highest priority) the dataclass defaults, the stage'
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,10 @@ from vidistill.errors import ConfigError
 from vidistill.flow.params import TVL1Params
 from vidistill.schema import flatten, from_dict, set_dotted, to_dict
 
-__all__ = ["ConfigError", "DistillConfig", "EvaluateConfig", "ExportConfig", "FlowConfig", "PrepConfig", "RegisterConfig",
-           "SynthConfig", "TeachConfig", "TrainConfig", "flatten", "from_dict", "load_params", "params_hash",
-           "set_dotted", "to_dict"]
+__all__ = ["ClusterConfig", "ConfigError", "DistillConfig", "EvaluateConfig", "ExportConfig", "FlowConfig",
+           "PipelineConfig", "PrepConfig", "RegisterConfig", "SynthConfig", "TeachConfig", "TrainConfig", "flatten",
+           "from_dict", "load_params", "params_hash", "set_dotted", "to_dict", "validate_k8s_name",
+           "validate_model_name", "validate_pipeline_params"]
 
 DATASETS = ("ucf101", "hmdb51", "folder", "synthetic")
 
@@ -29,6 +34,54 @@ DATASETS = ("ucf101", "hmdb51", "folder", "synthetic")
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def _finite(name: str, value: float) -> None:
+    _check(math.isfinite(value), f"{name} must be a finite number, got {value!r}")
+
+
+# A registered-model name must come back unchanged from every `models:/` URI form (`models:/NAME@ALIAS`,
+# `models:/NAME/VERSION`, `models:/NAME/latest`, `models:/NAME/STAGE`): MLflow refuses `/` and `:`, `@`
+# separates the alias, `?`, `#` and `%` are URI syntax, and whitespace breaks command lines.
+MODEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,254})")
+# Kubernetes object names (PersistentVolumeClaim, Secret): RFC 1123 DNS subdomains, at most 253 characters.
+K8S_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
+
+
+def validate_model_name(name: str, key: str = "model_name") -> str:
+    """Check a registered-model name for every `models:/` URI form; returns it.
+
+    Raises:
+        ConfigError: the name is empty or holds a character other than letters, digits, `.`, `_` and
+            `-` (or does not start with a letter or digit); the message names the character.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{key} must be a non-empty registered-model name, got {name!r}")
+    if not MODEL_NAME.fullmatch(name):
+        bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "._-"))})
+        if bad:
+            what = f"character(s) {' '.join(repr(c) for c in bad)}"
+        elif len(name) > 255:
+            what = f"{len(name)} characters"
+        else:
+            what = "a first character other than a letter or digit"
+        raise ConfigError(f"{key} {name!r} has {what}; a registered-model name must work in every models:/ URI form "
+                          "(models:/NAME@ALIAS, models:/NAME/VERSION): use letters, digits, '.', '_' and '-', starting "
+                          "with a letter or digit, at most 255 characters")
+    return name
+
+
+def validate_k8s_name(name: str, key: str) -> str:
+    """Check a Kubernetes object name (PVC, Secret: an RFC 1123 DNS subdomain); returns it.
+
+    Raises:
+        ConfigError: not lower-case letters, digits, `-` and `.` starting and ending with a letter or
+            digit, or longer than 253 characters.
+    """
+    if not isinstance(name, str) or not (K8S_NAME.fullmatch(name) and len(name) <= 253):
+        raise ConfigError(f"{key} {name!r} is not a valid Kubernetes name: use lower-case letters, digits, '-' and '.', "
+                          "starting and ending with a letter or digit, at most 253 characters (e.g. vidistill-data)")
+    return name
 
 
 @dataclass
@@ -124,6 +177,7 @@ class FlowConfig:
     def validate(self) -> None:
         _check(self.backend in ("torch", "opencv"), f"flow.backend must be 'torch' or 'opencv', got {self.backend!r}")
         _check(self.batch_size >= 1, f"flow.batch_size must be >= 1, got {self.batch_size}")
+        _finite("flow.bound", self.bound)
         _check(self.bound > 0, f"flow.bound must be > 0, got {self.bound}")
         _check(self.workers >= 1, f"flow.workers must be >= 1, got {self.workers}")
         _check(self.tvl1_compile in TVL1_COMPILE_MODES, f"flow.tvl1_compile must be one of {', '.join(TVL1_COMPILE_MODES)}, "
@@ -140,6 +194,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     nesterov: bool = True  # sgd: Nesterov momentum
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2); MAE/VideoMAE/MVD use 0.9, 0.95
     optimizer: str = "adamw"  # adamw | sgd
     warmup_epochs: int = 1
     label_smoothing: float = 0.0
@@ -152,16 +207,26 @@ class TrainConfig:
     grad_clip: float = 5.0
 
     def validate(self) -> None:
+        for name in ("lr", "weight_decay", "momentum", "label_smoothing", "grad_clip"):
+            _finite(name, getattr(self, name))
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        try:
+            self.betas = [float(b) for b in self.betas]
+        except (TypeError, ValueError):
+            raise ConfigError(f"betas must be two numbers, e.g. 0.9,0.95, got {self.betas!r}") from None
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+               f"betas must be two numbers in [0, 1), e.g. 0.9,0.95, got {self.betas!r}")
         _check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1, f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
         _check(self.hflip_labels in ("mirror", "keep"), f"hflip_labels must be 'mirror' (a flipped clip of a left/right or cw/ccw class "
                f"takes its mirror class's label) or 'keep', got {self.hflip_labels!r}")
         _check(0.0 < self.crop_scale <= 1.0, f"crop_scale must be in (0, 1] (smallest crop area as a fraction of the frame; 1 = no random crops), got {self.crop_scale}")
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
@@ -174,19 +239,45 @@ class TeachConfig:
     out: str = ""  # empty: runs/teacher_<modality>
     modality: str = "rgb"  # rgb | flow
     model: str = "r2plus1d_teacher"
-    pretext: str = "none"  # none: the clips' labels | pace: predict the playback speed (self-supervised, labels unread)
+    # none: the clips' labels | pace: predict the playback speed | mae, videomae: masked pixel modelling |
+    # mvd: masked video distillation from an MAE and a VideoMAE teacher (the self-supervised ones never read labels)
+    pretext: str = "none"
     paces: int = 3  # pace: speeds 1x .. paces x
     pretext_frames: int = 8  # pace: frames per clip, sampled from longer prep clips
-    resume: bool = False
+    mask_ratio: float = 0.0  # mae/videomae/mvd: masked fraction; 0 = the paper's (mae 0.75, videomae and mvd 0.9)
+    decoder_depth: int = 2  # mae/videomae/mvd: decoder blocks (MVD --decoder_depth 2)
+    decoder_dim: int = 0  # decoder width; 0 = the encoder's
+    decoder_heads: int = 0  # decoder heads; 0 = the encoder's
+    image_teacher: str = "runs/mvd/image_teacher/model.pt"  # mvd: the MAE image teacher
+    video_teacher: str = "runs/mvd/video_teacher/model.pt"  # mvd: the VideoMAE video teacher
+    mvd_teachers: str = "both"  # mvd: both (co-teaching) | image | video
+    image_weight: float = 1.0  # mvd: lambda_1
+    video_weight: float = 1.0  # mvd: lambda_2
+    resume: bool = False  # continue from out/checkpoints/last.pt; refused when it was made with other data or settings
+    restart_if_stale: bool = False  # with resume: start over instead of refusing a checkpoint that does not match (DVC)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
+        from vidistill.train.pretext import DEFAULT_MASK_RATIO, MASKED_PRETEXTS, MVD_TEACHERS
+
+        pretexts = ("none", "pace", *MASKED_PRETEXTS)
         _check(self.modality in ("rgb", "flow"), f"teach.modality must be 'rgb' or 'flow', got {self.modality!r}")
-        _check(self.pretext in ("none", "pace"), f"teach.pretext must be 'none' or 'pace', got {self.pretext!r}")
+        _check(self.pretext in pretexts, f"teach.pretext must be one of {', '.join(pretexts)}, got {self.pretext!r}")
         if self.pretext == "pace":
             _check(self.modality == "rgb", "teach.pretext 'pace' trains an RGB encoder; use --modality rgb")
             _check(self.paces >= 2, f"teach.paces must be >= 2, got {self.paces}")
             _check(self.pretext_frames >= 2, f"teach.pretext_frames must be >= 2, got {self.pretext_frames}")
+        if self.pretext in MASKED_PRETEXTS:
+            _check(self.modality == "rgb", f"teach.pretext {self.pretext!r} trains an RGB ViT; use --modality rgb")
+            self.mask_ratio = self.mask_ratio or DEFAULT_MASK_RATIO[self.pretext]
+            _check(0.0 < self.mask_ratio < 1.0, f"teach.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+            _check(self.decoder_depth >= 1, f"teach.decoder_depth must be >= 1, got {self.decoder_depth}")
+            _check(self.decoder_dim >= 0 and self.decoder_heads >= 0,
+                   f"teach.decoder_dim and decoder_heads must be >= 0 (0 = the encoder's), got {self.decoder_dim}, {self.decoder_heads}")
+            _check(self.mvd_teachers in MVD_TEACHERS,
+                   f"teach.mvd_teachers must be one of {', '.join(MVD_TEACHERS)}, got {self.mvd_teachers!r}")
+            _check(self.image_weight >= 0 and self.video_weight >= 0,
+                   f"teach.image_weight and video_weight must be >= 0, got {self.image_weight}, {self.video_weight}")
         self.out = self.out or f"runs/teacher_{self.modality}"
         from vidistill.models import list_models
 
@@ -206,9 +297,11 @@ class DistillConfig:
     teacher_rgb: str = "runs/teacher_rgb/model.pt"
     teacher_flow: str = "runs/teacher_flow/model.pt"
     pretrained: str = ""  # model.pt of a pre-trained encoder (sd)
+    mvd_encoder: str = "runs/mvd/student/model.pt"  # model.pt of the masked-pre-trained ViT that mvd fine-tunes
     student_videos_per_class: int = 0  # the student's labelled videos per class, a stratified subset of clips' train split (teachers see all); 0 = all
     student_subset_seed: int = 0  # seed of that subset's draw
-    resume: bool = False
+    resume: bool = False  # continue from out/checkpoints/last.pt; refused when it was made with other data or settings
+    restart_if_stale: bool = False  # with resume: start over instead of refusing a checkpoint that does not match (DVC)
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: dict = field(default_factory=dict)  # per-method hyperparameters: methods.<key>.<name>
 
@@ -280,6 +373,7 @@ class ExportConfig:
 
     def validate(self) -> None:
         _check(self.opset >= 18, f"export.opset must be >= 18, got {self.opset}")
+        _finite("export.atol", self.atol)
         _check(self.atol > 0, f"export.atol must be > 0, got {self.atol}")
         _check(self.parity_clips >= 1, f"export.parity_clips must be >= 1, got {self.parity_clips}")
         self.out = self.out or str(Path(self.model).parent / "onnx")
@@ -298,5 +392,132 @@ class RegisterConfig:
     promote: bool = True
 
     def validate(self) -> None:
-        _check(bool(self.model_name.strip()), "register.model_name must not be empty")
+        validate_model_name(self.model_name, "register.model_name")
+        _finite("register.margin", self.margin)
         _check(self.margin >= 0, f"register.margin must be >= 0, got {self.margin}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline (`vidistill pipeline ...`, `vidistill demo`)
+
+# GPU node pools the Kubeflow pipeline can schedule onto (the orchestration's dag.GPU_POOLS holds their labels)
+GPU_POOL_NAMES = ("gke", "aks", "eks")
+
+
+@dataclass
+class ClusterConfig:
+    """Where the compiled pipeline's tasks run: the GPU node pool and the Kubernetes objects they mount.
+
+    Read from the environment when the pipeline is compiled (`from_env`): `VIDISTILL_GPU_POOL`,
+    `VIDISTILL_DATA_PVC`, `VIDISTILL_MLFLOW_SECRET`.
+    """
+
+    gpu_pool: str = "gke"  # one of GPU_POOL_NAMES
+    data_pvc: str = "vidistill-data"  # PersistentVolumeClaim mounted at /data by every task
+    mlflow_secret: str = "vidistill-mlflow"  # Secret with MLFLOW_TRACKING_URI (and credentials)
+
+    ENV = {"gpu_pool": "VIDISTILL_GPU_POOL", "data_pvc": "VIDISTILL_DATA_PVC", "mlflow_secret": "VIDISTILL_MLFLOW_SECRET"}
+
+    @classmethod
+    def from_env(cls) -> ClusterConfig:
+        """The defaults, overridden by the environment variables; validated."""
+        cfg = cls(**{name: os.environ[var] for name, var in cls.ENV.items() if os.environ.get(var)})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        _check(self.gpu_pool in GPU_POOL_NAMES, f"GPU pool {self.gpu_pool!r} ({self.ENV['gpu_pool']}) is not known; "
+               f"choose one of: {', '.join(GPU_POOL_NAMES)}")
+        validate_k8s_name(self.data_pvc, f"the data PVC name ({self.ENV['data_pvc']})")
+        validate_k8s_name(self.mlflow_secret, f"the MLflow Secret name ({self.ENV['mlflow_secret']})")
+
+
+@dataclass
+class PipelineConfig:
+    """The `pipeline` section of params.yaml: what the Kubeflow pipeline fans out over and registers."""
+
+    methods: list | None = None  # distillation methods of the fan-out; None (key absent): every registered method
+    run_name: str = "vidistill"  # MLflow parent run name
+    shards: int = 1  # prep and flow fan out over this many pods (docs/scale-out.md); any value gives the same data
+    source_prep: dict = field(default_factory=dict)  # a prep section: the source videos sd's encoder pre-trains on
+
+    def validate(self) -> None:
+        from vidistill.distill import list_methods
+
+        registered = list_methods()
+        if self.methods is None:
+            self.methods = registered
+        if isinstance(self.methods, str):  # from the command line: "none,kd"
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        _check(isinstance(self.methods, list) and len(self.methods) > 0,
+               f"pipeline.methods must be a non-empty list of methods, got {self.methods!r}; registered: {', '.join(registered)}")
+        bad = [m for m in self.methods if not isinstance(m, str)]
+        _check(not bad, f"pipeline.methods must hold method names, got {bad!r}; registered: {', '.join(registered)}")
+        unknown = [m for m in self.methods if m not in registered]
+        _check(not unknown, f"pipeline.methods names unknown method(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
+        twice = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        _check(not twice, f"pipeline.methods lists {', '.join(twice)} more than once; list each method once")
+        _check(bool(self.run_name.strip()) and len(self.run_name) <= 250,
+               f"pipeline.run_name must be 1 to 250 characters, got {self.run_name!r}")
+        _check(isinstance(self.shards, int) and not isinstance(self.shards, bool) and self.shards >= 1,
+               f"pipeline.shards must be an integer >= 1 (pieces prep and flow fan out over), got {self.shards!r}")
+        _validate_section("pipeline.source_prep", PrepConfig, self.source_prep)
+
+
+def _validate_section(section: str, cls: type, data: dict[str, Any] | None) -> None:
+    """Build and validate one section; a message that does not name the section is prefixed with it."""
+    try:
+        from_dict(cls, copy.deepcopy(data or {}), where=f"{section}.").validate()
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith((section, f"unknown key(s) {section}")) else f"{section}: {msg}") from None
+
+
+# params.yaml section -> its configuration, for every stage section the pipeline runs
+PIPELINE_SECTIONS: dict[str, type] = {
+    "prep": PrepConfig, "flow": FlowConfig, "teach": TeachConfig, "pretrain": TeachConfig, "distill": DistillConfig,
+    "evaluate": EvaluateConfig, "export": ExportConfig, "register": RegisterConfig,
+}
+MVD_PRETRAIN_STAGES = ("image_teacher", "video_teacher", "student")  # params.yaml mvd_pretrain.<stage>: `teach` sections
+
+
+# `pipeline` keys of earlier releases -> where the setting lives now
+MOVED_PIPELINE_KEYS = {"model_name": "register.model_name", "promotion_margin": "register.margin"}
+
+
+def validate_pipeline_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Check everything the pipeline will read, before any task starts; returns the params with the
+    `pipeline` section's values typed as its dataclass says (`methods: none,kd` becomes a list).
+
+    Checks the `pipeline` section (`PipelineConfig`), every stage section it runs (unknown keys,
+    types, ranges), the distillation settings of every method of the fan-out, and the cluster
+    settings in the environment (`ClusterConfig`).
+
+    Raises:
+        ConfigError: the first bad value, named with its key (one line).
+    """
+    params = copy.deepcopy(params or {})
+    unknown = sorted(set(params) - {*PIPELINE_SECTIONS, "pipeline", "mvd_pretrain"})
+    _check(not unknown, f"unknown params.yaml section(s) {', '.join(unknown)}; sections: {', '.join((*PIPELINE_SECTIONS, 'mvd_pretrain', 'pipeline'))}")
+    for section, value in params.items():
+        _check(value is None or isinstance(value, dict), f"params section {section!r} must be a mapping, got {value!r}")
+    moved = sorted(set(params.get("pipeline") or {}) & set(MOVED_PIPELINE_KEYS))
+    _check(not moved, "; ".join(f"pipeline.{k} is now {MOVED_PIPELINE_KEYS[k]}" for k in moved))
+    pipe = from_dict(PipelineConfig, params.get("pipeline") or {}, where="pipeline.")
+    pipe.validate()
+    for section, cls in PIPELINE_SECTIONS.items():
+        _validate_section(section, cls, params.get(section))
+    for modality in ("rgb", "flow"):  # both teachers read the teach section
+        _validate_section("teach", TeachConfig, {**(params.get("teach") or {}), "modality": modality})
+    for method in pipe.methods:  # the fan-out: each method with the distill section's settings
+        _validate_section("distill", DistillConfig, {**(params.get("distill") or {}), "method": method})
+    masked = params.get("mvd_pretrain") or {}  # mvd's pre-training stages (run only when the fan-out needs them)
+    _check(isinstance(masked, dict) and not set(masked) - set(MVD_PRETRAIN_STAGES),
+           f"mvd_pretrain may hold only {', '.join(MVD_PRETRAIN_STAGES)}, got {sorted(masked) if isinstance(masked, dict) else masked!r}")
+    for stage, value in masked.items():
+        _validate_section(f"mvd_pretrain.{stage}", TeachConfig, value)
+    ClusterConfig.from_env()
+    section = dict(params.get("pipeline") or {})
+    section.update(methods=list(pipe.methods), run_name=pipe.run_name, shards=pipe.shards)
+    params["pipeline"] = section
+    return params

@@ -51,36 +51,24 @@ def prep_op(params: dict, code_version: str, clips: Output[Dataset]):
 
     from vidistill import stages
 
-    summary = stages.run("prep", params, out=clips.path)
+    summary = stages.run("prep", params, out=clips.path, progress=True)
     manifest = json.loads((Path(clips.path) / "manifest.json").read_text())
     clips.metadata.update({"clips": {k: v["clips"] for k, v in summary["splits"].items()},
                            "skipped": len(summary["skipped"]), "data_hash": manifest.get("hash", "unknown"),
                            "mlflow_run_id": mlflow.last_active_run().info.run_id})
 
 
-@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
-def flow_op(params: dict, code_version: str, clips: Input[Dataset], flow: Output[Dataset]):
-    """TV-L1 flow of every clip (`vidistill.stages.flow`), on the GPU when the pod has one.
-
-    `flow.metadata`: frame pairs, pairs/s, failed clips, `mlflow_run_id`.
-    """
-    import mlflow
-
-    from vidistill import stages
-
-    summary = stages.run("flow", params, clips=clips.path, out=flow.path)
-    flow.metadata.update({k: summary[k] for k in ("pairs", "pairs_per_s", "failed") if k in summary})
-    flow.metadata.update({"data_hash": clips.metadata.get("data_hash", "unknown"),
-                          "mlflow_run_id": mlflow.last_active_run().info.run_id})
+# TV-L1 flow runs sharded: flow_shard_op and merge_flow_op in shards.py
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def teach_op(params: dict, code_version: str, modality: str, clips: Input[Dataset], model: Output[Model],
              metrics: Output[Metrics], flow: Input[Dataset] = None):
-    """Train a teacher (`vidistill.stages.teach`); `model.path` is a directory holding model.pt.
+    """Train a teacher (`vidistill.stages.teach`); `model.path` is a directory holding model.pt, the
+    evaluation (eval/metrics.json) and the per-epoch training history (history.json).
 
-    `metrics`: top1, top5, mAP on the test split. `model.metadata`: the same, the modality and the
-    MLflow run id.
+    `metrics`: top1, mean class accuracy, top5, mAP on the test split. `model.metadata`: the same, the
+    modality, the training time and the MLflow run id.
     """
     import json
     from pathlib import Path
@@ -90,23 +78,70 @@ def teach_op(params: dict, code_version: str, modality: str, clips: Input[Datase
     paths = {"clips": clips.path, "out": model.path, "modality": modality}
     if flow is not None:
         paths["flow"] = flow.path
-    result = stages.run("teach", params, **paths)
-    scores = {k: float(result[k]) for k in ("top1", "top5", "mAP")}
+    result = stages.run("teach", params, progress=True, **paths)
+    (Path(model.path) / "history.json").write_text(json.dumps(result["history"]))
+    scores = {k: float(result[k]) for k in ("top1", "mean_class_accuracy", "top5", "mAP")}
     for key, value in scores.items():
         metrics.log_metric(key, value)
     Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics.path).write_text(json.dumps(scores))
     model.metadata.update({**scores, "modality": modality, "data_hash": clips.metadata.get("data_hash", "unknown"),
-                           "mlflow_run_id": result["run_id"]})
+                           "train_seconds": float(result["train_seconds"]), "mlflow_run_id": result["run_id"]})
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def method_pretrain_op(params: dict, section: str, code_version: str, methods: list, needed_for: str,
+                       clips: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+                       image_teacher: Input[Model] = None, video_teacher: Input[Model] = None):
+    """A pre-training stage that only some methods need (`vidistill.stages.teach` with `params[section]`,
+    e.g. a masked pretext): it runs when a method of `methods` needs the model file `needed_for` (a
+    `DistillContext` field, e.g. `mvd_encoder`) that the stage leads to, and otherwise does no work and
+    writes only a marker, so the fan-out stays "the methods parameter only".
+
+    `metrics`: the held-out masked-reconstruction loss (before and after training). `model.metadata`:
+    the same, `skipped`, the pretext and the MLflow run id.
+    """
+    import json
+    from pathlib import Path
+
+    from vidistill.distill import get_method
+
+    Path(model.path).mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    if not any(needed_for in get_method(m).needs for m in methods):
+        (Path(model.path) / "SKIPPED").write_text(f"no method of {list(methods)} needs {needed_for}\n")
+        Path(metrics.path).write_text("{}")
+        model.metadata.update({"skipped": True, "needed_for": needed_for})
+        return
+    from vidistill import stages
+
+    paths = {"clips": clips.path, "out": model.path}
+    for name, teacher in (("image_teacher", image_teacher), ("video_teacher", video_teacher)):
+        if teacher is not None:
+            paths[name] = str(Path(teacher.path) / "model.pt")
+    if section not in params:
+        raise ValueError(f"section {section!r} is missing from this stage's parameters ({sorted(params)}); add it to params.yaml")
+    result = stages.run("teach", params[section], progress=True, **paths)
+    (Path(model.path) / "history.json").write_text(json.dumps(result["history"]))
+    scores = {k: float(result[k]) for k in ("heldout_loss", "heldout_loss_init")}
+    for key, value in scores.items():
+        metrics.log_metric(key, value)
+    Path(metrics.path).write_text(json.dumps(scores))
+    model.metadata.update({**scores, "skipped": False, "needed_for": needed_for, "pretext": params[section].get("pretext", ""),
+                           "data_hash": clips.metadata.get("data_hash", "unknown"),
+                           "train_seconds": float(result["train_seconds"]), "mlflow_run_id": result["run_id"]})
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def distill_op(params: dict, code_version: str, method: str, clips: Input[Dataset], flow: Input[Dataset],
                teacher_rgb: Input[Model], teacher_flow: Input[Model], pretrained: Input[Model],
+               mvd_encoder: Input[Model],
                student: Output[Model], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
-    """Distil an RGB student with `method` (`vidistill.stages.distill`) and evaluate it.
+    """Distil an RGB student with `method` (`vidistill.stages.distill`) and evaluate it; `student.path`
+    holds model.pt, eval/metrics.json and the per-epoch training history (history.json).
 
-    `student.metadata`: method, top1, top5, mAP, train_seconds, classes, data_hash, mlflow_run_id;
+    `student.metadata`: method, top1, mean_class_accuracy, top5, mAP, train_seconds, classes, data_hash,
+    mlflow_run_id;
     `metrics` and `confusion` show in the Kubeflow UI.
     """
     import json
@@ -117,9 +152,11 @@ def distill_op(params: dict, code_version: str, method: str, clips: Input[Datase
     result = stages.run("distill", params, method=method, clips=clips.path, flow=flow.path, out=student.path,
                         teacher_rgb=str(Path(teacher_rgb.path) / "model.pt"),
                         teacher_flow=str(Path(teacher_flow.path) / "model.pt"),
-                        pretrained=str(Path(pretrained.path) / "model.pt"))
+                        pretrained=str(Path(pretrained.path) / "model.pt"),
+                        mvd_encoder=str(Path(mvd_encoder.path) / "model.pt"), progress=True)
+    (Path(student.path) / "history.json").write_text(json.dumps(result["history"]))
     evaluation = json.loads((Path(student.path) / "eval" / "metrics.json").read_text())  # this task's own output
-    scores = {k: float(evaluation[k]) for k in ("top1", "top5", "mAP")}
+    scores = {k: float(evaluation[k]) for k in ("top1", "mean_class_accuracy", "top5", "mAP")}
     for key, value in scores.items():
         metrics.log_metric(key, value)
     confusion.log_confusion_matrix(evaluation["classes"], evaluation["confusion_matrix"])
@@ -136,7 +173,7 @@ def evaluate_op(params: dict, code_version: str, clips: Input[Dataset], flow: In
                 flow_model: Input[Model], report: Output[Artifact], metrics: Output[Metrics]):
     """The two-stream baseline: softmax average of the RGB and flow teachers (`vidistill.stages.evaluate`).
 
-    `metrics`: top1, top5, mAP. `report` is the evaluation folder (metrics.json, confusion.png); its
+    `metrics`: top1, mean class accuracy, top5, mAP. `report` is the evaluation folder (metrics.json, confusion.png); its
     metadata holds the scores and the MLflow run id (Metrics metadata stays numeric for the UI).
     """
     import json
@@ -148,7 +185,7 @@ def evaluate_op(params: dict, code_version: str, clips: Input[Dataset], flow: In
 
     checkpoints = ",".join(str(Path(m.path) / "model.pt") for m in (rgb, flow_model))
     result = stages.run("evaluate", params, clips=clips.path, flow=flow.path, checkpoint=checkpoints, out=report.path)
-    scores = {k: float(result[k]) for k in ("top1", "top5", "mAP")}
+    scores = {k: float(result[k]) for k in ("top1", "mean_class_accuracy", "top5", "mAP")}
     for key, value in scores.items():
         metrics.log_metric(key, value)
     report.metadata.update({**scores, "mlflow_run_id": mlflow.last_active_run().info.run_id})
@@ -157,19 +194,24 @@ def evaluate_op(params: dict, code_version: str, clips: Input[Dataset], flow: In
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def report_op(students: Input[List[Model]], two_stream: Input[Metrics], report: Output[Markdown], page: Output[HTML]):
-    """Comparison of all students and the two-stream baseline: a Markdown table and an HTML page with the plot."""
-    from pathlib import Path
+def report_op(students: Input[List[Model]], two_stream: Input[Artifact], teacher_rgb: Input[Model],
+              teacher_flow: Input[Model], encoder: Input[Model], clips: Input[Dataset], source_clips: Input[Dataset],
+              flow: Input[Dataset], distill_params: dict, code_version: str, comparison: Output[Artifact]):
+    """Everything the comparison report shows, measured once: per student and teacher top-1/top-5/mAP,
+    training history, confusion matrix, parameters, ONNX size and latency per clip on this node; the
+    dataset (classes, counts, skipped inputs) and chance level (`vidistill_pipeline.report`).
 
-    from vidistill.evaluate.report import comparison_report
+    `comparison.path` is a folder holding `comparison.json`; publishing it (with the registration
+    decision) is the uncached `publish_report_op`.
+    """
+    from vidistill_pipeline.report import build_comparison
 
-    columns = ("top1", "top5", "mAP")
-    rows = [{"method": "two-stream (teachers)", **{k: two_stream.metadata[k] for k in columns}}]
-    rows += [{"method": s.metadata["method"], "train_seconds": s.metadata["train_seconds"],
-              **{k: s.metadata[k] for k in columns}} for s in students]
-    markdown, html = comparison_report(rows)
-    Path(report.path).write_text(markdown)
-    Path(page.path).write_text(html)
+    build_comparison(students=[(s.path, dict(s.metadata)) for s in students],
+                     two_stream=(two_stream.path, dict(two_stream.metadata)),
+                     teacher_rgb=(teacher_rgb.path, dict(teacher_rgb.metadata)),
+                     teacher_flow=(teacher_flow.path, dict(teacher_flow.metadata)),
+                     encoder=(encoder.path, dict(encoder.metadata)), clips=clips.path, source_clips=source_clips.path,
+                     flow=(flow.path, dict(flow.metadata)), out=comparison.path, distill_params=distill_params)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -216,11 +258,13 @@ def export_op(params: dict, code_version: str, student: Input[Model], clips: Inp
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def register_op(params: dict, parent_run_id: str, onnx: Input[Model], model_name: str, margin: float) -> str:
-    """Register the ONNX student in MLflow and run the promotion gate (`vidistill.stages.register`).
+def register_op(params: dict, parent_run_id: str, onnx: Input[Model]) -> str:
+    """Register the ONNX student in MLflow under `register.model_name` and run the promotion gate with
+    `register.margin` (`vidistill.stages.register`).
 
     The gate reads the student's scores from `onnx.metadata` (written by the distill and export
-    tasks). Returns the registered version.
+    tasks). Returns the outcome as JSON: `{"registered": true, "model_name", "version", "decision": {...}}`
+    (the decision as `vidistill.registry.models.promote` returns it).
     """
     import json
     import tempfile
@@ -233,41 +277,70 @@ def register_op(params: dict, parent_run_id: str, onnx: Input[Model], model_name
         scores = Path(tmp) / "metrics.json"
         scores.write_text(json.dumps({k: meta[k] for k in ("top1", "top5", "mAP", "data_hash", "classes") if k in meta}))
         result = stages.run("register", params, parent_run_id=parent_run_id, onnx=onnx.path, method=meta["method"],
-                            metrics=str(scores), model_name=model_name, margin=margin)
-    return str(result["version"])
+                            metrics=str(scores))
+    print(f"registered {result['model_name']} version {result['version']}: {json.dumps(result['decision'])}")
+    return json.dumps({"registered": True, "model_name": result["model_name"], "version": str(result["version"]),
+                       "method": meta["method"], "decision": result["decision"]}, default=str)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def not_registered_op(onnx: Input[Model]) -> str:
+    """The outcome when ONNX parity failed and nothing was registered, as JSON (see `register_op`)."""
+    import json
+
+    meta = dict(onnx.metadata)
+    reason = meta.get("error") or (f"ONNX parity failed (max |diff| {meta.get('parity_max_abs_diff')}, "
+                                   f"top-1 agreement {meta.get('parity_top1_agreement')})")
+    return json.dumps({"registered": False, "method": meta.get("method"), "reason": reason})
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def publish_report_op(parent_run_id: str, comparison: Input[Artifact], onnx: Input[Model], register_params: dict,
+                      decision: str, report: Output[Markdown], page: Output[HTML]):
+    """The comparison report with the registration decision: Markdown and a self-contained HTML page (shown
+    by the Kubeflow UI), also attached to the pipeline's MLflow parent run as `report/comparison.md` and
+    `report/comparison.html` (`vidistill_pipeline.report.publish`)."""
+    import json
+
+    from vidistill_pipeline.report import publish
+
+    publish(comparison.path, decision=json.loads(decision), onnx=(onnx.path, dict(onnx.metadata)),
+            model_name=str(register_params.get("model_name", "")), markdown=report.path, html=page.path,
+            parent_run_id=parent_run_id)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def track_stages_op(parent_run_id: str, clips: Input[Dataset], source_clips: Input[Dataset], flow: Input[Dataset],
                     teacher_rgb: Input[Model], teacher_flow: Input[Model], encoder: Input[Model],
                     two_stream: Input[Artifact], students: Input[List[Model]], onnx: Input[Model],
-                    report: Input[Markdown], page: Input[HTML], index: Output[Artifact]):
-    """Nest the stages' MLflow runs under the pipeline's parent run, attach the comparison report to it,
-    and write `index` (JSON: every stage's artifact URI, metadata and MLflow run id), so a local run
-    finds its outputs even where tasks were served from the cache."""
+                    index: Output[Artifact], image_teacher: Input[Model] = None,
+                    video_teacher: Input[Model] = None, masked_student: Input[Model] = None):
+    """Nest the stages' MLflow runs under the pipeline's parent run and write `index` (JSON: every stage's
+    artifact URI, metadata and MLflow run id), so a local run finds its outputs even where tasks were
+    served from the cache."""
     import json
     from pathlib import Path
 
-    from vidistill_pipeline.tracking import adopt_stage_runs, log_report
+    from vidistill_pipeline.tracking import adopt_stage_runs
 
     stages = {"prep": clips, "prep_source": source_clips, "flow": flow, "teach_rgb": teacher_rgb,
               "teach_flow": teacher_flow, "pretrain": encoder, "two_stream": two_stream, "export": onnx}
     stages.update({f"distill_{s.metadata['method']}": s for s in students})
+    stages.update({name: a for name, a in (("masked_image_teacher", image_teacher), ("masked_video_teacher", video_teacher),
+                                           ("masked_student", masked_student))
+                   if a is not None and not a.metadata.get("skipped")})  # method pre-training stages that ran
     entries = {name: {"uri": a.uri, "path": a.path, "metadata": dict(a.metadata)} for name, a in stages.items()}
-    entries["report"] = {"uri": report.uri, "path": report.path}
-    entries["page"] = {"uri": page.uri, "path": page.path}
     runs = {name: a.metadata["mlflow_run_id"] for name, a in stages.items() if a.metadata.get("mlflow_run_id")}
     outcome = adopt_stage_runs(parent_run_id, runs)
-    log_report(parent_run_id, report.path, page.path)
     Path(index.path).write_text(json.dumps({"parent_run_id": parent_run_id, "stages": entries, **outcome}, indent=2))
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def start_pipeline_run_op(name: str, methods: list, model_name: str, code_version: str, job_id: str) -> str:
+def start_pipeline_run_op(name: str, methods: list, register_params: dict, code_version: str, job_id: str) -> str:
     """Open the MLflow parent run of this pipeline execution; returns its id."""
     from vidistill.registry.tracking import start_pipeline_run
 
-    return start_pipeline_run(name, {"methods": ",".join(methods), "model_name": model_name,
+    return start_pipeline_run(name, {"methods": ",".join(methods), "model_name": register_params.get("model_name", ""),
                                      "code_version": code_version},
                               tags={"vidistill.pipeline_job_id": job_id})
 
@@ -283,5 +356,5 @@ def end_pipeline_run_op(job_id: str, status: dsl.PipelineTaskFinalStatus):
     end_pipeline_job(job_id, "FINISHED" if status.state == "SUCCEEDED" else "FAILED")
 
 
-COMPUTE = (prep_op, flow_op, teach_op, distill_op, evaluate_op, report_op, select_best_op, export_op)
-SIDE_EFFECTS = (register_op, track_stages_op, start_pipeline_run_op, end_pipeline_run_op)
+COMPUTE = (prep_op, teach_op, method_pretrain_op, distill_op, evaluate_op, report_op, select_best_op, export_op, not_registered_op)
+SIDE_EFFECTS = (register_op, publish_report_op, track_stages_op, start_pipeline_run_op, end_pipeline_run_op)

@@ -1,23 +1,32 @@
 """The vidistill Kubeflow pipeline: prep -> flow -> teachers -> distill[methods] -> report -> export -> register.
 
     prep(target) ──> flow ──> teach(flow) ──┐
-        │    └─────────────> teach(rgb) ────┼──> ParallelFor(methods): distill ──> report ──> select best
-    prep(source) ──> teach(source encoder) ─┘                                              └─> export ──If(parity)──> register/promote
-                                   teach(rgb) + teach(flow) ──> evaluate (two-stream baseline) ──> report
+        │    └─────────────> teach(rgb) ────┼──> ParallelFor(methods): distill ──> comparison ──> select best
+    prep(source) ──> teach(source encoder) ─┤                                              └─> export ──If(parity)──> register/promote
+    prep(target) ──> masked image teacher ──┬─> masked video distillation (mvd_encoder) ──┘
+                 └─> masked video teacher ──┘   (each a marker only, when no method of `methods` needs mvd_encoder)
+                                   teach(rgb) + teach(flow) ──> evaluate (two-stream baseline) ──> comparison    └Else──> not registered
+                                    comparison + the registration decision (OneOf) ──> publish report (Markdown, HTML, MLflow)
                                                          every stage's MLflow run ──> track-stages (nests them under the parent run)
+
+Scale-out: prep and flow fan out over `shards` (a ParallelFor of shard tasks and a merge that writes
+exactly the unsharded output, see shards.py); with VIDISTILL_TEACHER_LAUNCHER=trainjob the two
+teachers train as Kubeflow Trainer TrainJobs of N nodes x G GPUs (trainjob.py).
 
 GPU-heavy tasks (flow, teach, distill) request `nvidia.com/gpu`, a node selector and a toleration for
 the cluster's GPU node pool (`GpuPool`: GKE, AKS and EKS/Karpenter label keys); every task mounts the
 data PVC and reads the MLflow URI and credentials from a Kubernetes Secret. All of these are ignored by
 `kfp.local` and present in the compiled IR YAML.
 
-Caching: compute tasks (prep, flow, teachers, students, evaluation, report, selection, export) are
+Caching: compute tasks (prep, flow, teachers, students, evaluation, comparison, selection, export) are
 cached; their cache key holds their parameters, upstream artifacts, image and `code_version`. Side
-effects (the MLflow parent run, nesting the stage runs, registration and promotion) are never cached.
+effects (the MLflow parent run, nesting the stage runs, registration and promotion, publishing the
+report to MLflow) are never cached.
 
-The default fan-out (`methods`) and the other pipeline defaults come from params.yaml's `pipeline`
-section when the pipeline is built (`build_pipeline`), so the method registry and params.yaml stay
-the only lists of methods.
+The default fan-out (`methods`) and the other pipeline defaults come from params.yaml when the pipeline
+is built (`build_pipeline`), so the method registry and params.yaml stay the only lists of methods. The
+registered model's name and the promotion margin are `register.model_name` and `register.margin`
+(`register_params`), one key each.
 """
 
 import os
@@ -26,14 +35,17 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
+from vidistill.config import ClusterConfig, ConfigError
 from vidistill_pipeline.components import (
     TAG,
     distill_op,
     end_pipeline_run_op,
     evaluate_op,
     export_op,
-    flow_op,
+    method_pretrain_op,
+    not_registered_op,
     prep_op,
+    publish_report_op,
     register_op,
     report_op,
     select_best_op,
@@ -41,6 +53,8 @@ from vidistill_pipeline.components import (
     teach_op,
     track_stages_op,
 )
+from vidistill_pipeline.shards import flow_shard_op, merge_flow_op, merge_prep_op, prep_shard_op, shard_plan_op
+from vidistill_pipeline.trainjob import config_dict, config_from_env, teach_trainjob_op
 
 PIPELINE_NAME = "vidistill"
 
@@ -66,9 +80,10 @@ GPU_POOLS: dict[str, GpuPool] = {
     "eks": GpuPool(node_label="karpenter.k8s.aws/instance-gpu-name", node_value="l4", taint_key="nvidia.com/gpu",
                    taint_value="true"),
 }
-DATA_PVC = os.environ.get("VIDISTILL_DATA_PVC", "vidistill-data")
-MLFLOW_SECRET = os.environ.get("VIDISTILL_MLFLOW_SECRET", "vidistill-mlflow")
-POOL = GPU_POOLS[os.environ.get("VIDISTILL_GPU_POOL", "gke")]
+# VIDISTILL_GPU_POOL, VIDISTILL_DATA_PVC, VIDISTILL_MLFLOW_SECRET; an unknown pool or a name Kubernetes
+# would refuse stops here in one line (vidistill.config.ClusterConfig), not at submission
+_CLUSTER = ClusterConfig.from_env()
+DATA_PVC, MLFLOW_SECRET, POOL = _CLUSTER.data_pvc, _CLUSTER.mlflow_secret, GPU_POOLS[_CLUSTER.gpu_pool]
 
 
 def _cluster(task: dsl.PipelineTask, *, cache: bool, gpu: bool = False) -> dsl.PipelineTask:
@@ -99,6 +114,41 @@ def side_effect(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return _cluster(task, cache=False)
 
 
+# --- scale-out: where the teachers train (pod | trainjob), chosen at compile time by the cluster overlay's
+# pipeline.env (k8s/overlays/*/pipeline.env); see vidistill_pipeline/trainjob.py
+TEACHER_LAUNCHER = os.environ.get("VIDISTILL_TEACHER_LAUNCHER", "pod")
+if TEACHER_LAUNCHER not in ("pod", "trainjob"):
+    raise ConfigError(f"VIDISTILL_TEACHER_LAUNCHER={TEACHER_LAUNCHER!r}: choose pod (one GPU pod) or trainjob "
+                     "(a Kubeflow Trainer TrainJob over N nodes x G GPUs)")
+
+
+def teacher(**inputs: Any) -> dsl.PipelineTask:
+    """A teacher's training task: `teach_op` in one GPU pod (the default), or with
+    VIDISTILL_TEACHER_LAUNCHER=trainjob a CPU task that launches and follows a `TrainJob`."""
+    if TEACHER_LAUNCHER == "trainjob":
+        return compute(teach_trainjob_op(trainjob=config_dict(config_from_env()), **inputs))
+    return compute(teach_op(**inputs), gpu=True)
+
+
+def sharded_prep_flow(prep_params: Any, flow_params: Any, code: Any, shards: Any) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
+    """prep and flow fanned out over `shards` (see vidistill_pipeline/shards.py). Returns the merge tasks,
+    whose outputs `clips` and `flow` are the unsharded prep's and flow's."""
+    plan = _cluster(shard_plan_op(params=prep_params, code_version=code, shards=shards), cache=False)
+    plan.set_display_name("shard-plan")
+    with dsl.ParallelFor(plan.output) as shard:
+        part = compute(prep_shard_op(params=prep_params, code_version=code, shard=shard, shards=shards))
+        part.set_display_name("prep-shard")
+    prep = compute(merge_prep_op(params=prep_params, code_version=code, parts=dsl.Collected(part.outputs["part"])))
+    prep.set_display_name("prep")
+    with dsl.ParallelFor(plan.output) as shard:
+        piece = compute(flow_shard_op(params=flow_params, code_version=code, clips=prep.outputs["clips"], shard=shard,
+                                      shards=shards), gpu=True).set_display_name("tvl1-flow-shard")
+    flow = compute(merge_flow_op(params=flow_params, code_version=code, clips=prep.outputs["clips"],
+                                 parts=dsl.Collected(piece.outputs["part"]))).set_display_name("tvl1-flow")
+    return prep, flow
+# --- end scale-out
+
+
 @dsl.pipeline(name="vidistill-dag")
 def vidistill_dag(
     parent_run_id: str,
@@ -112,22 +162,31 @@ def vidistill_dag(
     export_params: dict,
     register_params: dict,
     methods: list,
-    model_name: str,
-    promotion_margin: float,
     code_version: str,
+    mvd_pretrain_params: dict,
+    shards: int = 1,
 ):
     """The stage graph. Compute tasks get `code_version`, side effects `parent_run_id`."""
     code = code_version
-    prep = compute(prep_op(params=prep_params, code_version=code)).set_display_name("prep")
+    prep, flow = sharded_prep_flow(prep_params, flow_params, code, shards)  # scale-out: prep and flow over shards
     src = compute(prep_op(params=source_prep_params, code_version=code)).set_display_name("prep-source")
-    flow = compute(flow_op(params=flow_params, code_version=code, clips=prep.outputs["clips"]), gpu=True)
-    flow.set_display_name("tvl1-flow")
-    rgb = compute(teach_op(params=teach_params, code_version=code, modality="rgb", clips=prep.outputs["clips"]), gpu=True)
+    rgb = teacher(params=teach_params, code_version=code, modality="rgb", clips=prep.outputs["clips"])
     rgb.set_display_name("teach-rgb")
-    temporal = compute(teach_op(params=teach_params, code_version=code, modality="flow", clips=prep.outputs["clips"],
-                                flow=flow.outputs["flow"]), gpu=True).set_display_name("teach-flow")
+    temporal = teacher(params=teach_params, code_version=code, modality="flow", clips=prep.outputs["clips"],
+                       flow=flow.outputs["flow"]).set_display_name("teach-flow")
     encoder = compute(teach_op(params=pretrain_params, code_version=code, modality="rgb", clips=src.outputs["clips"]),
                       gpu=True).set_display_name("pretrain-encoder")
+    # masked video distillation's pre-training (MAE image teacher, VideoMAE video teacher, MVD student): run only
+    # when a method of `methods` needs the `mvd_encoder` they lead to; otherwise each writes a marker and stops
+    masked = {"params": mvd_pretrain_params, "code_version": code, "methods": methods, "needed_for": "mvd_encoder",
+              "clips": prep.outputs["clips"]}
+    image_teacher = compute(method_pretrain_op(section="image_teacher", **masked), gpu=True)
+    image_teacher.set_display_name("masked-image-teacher")
+    video_teacher = compute(method_pretrain_op(section="video_teacher", **masked), gpu=True)
+    video_teacher.set_display_name("masked-video-teacher")
+    masked_student = compute(method_pretrain_op(section="student", image_teacher=image_teacher.outputs["model"],
+                                                video_teacher=video_teacher.outputs["model"], **masked), gpu=True)
+    masked_student.set_display_name("masked-video-distillation")
     two_stream = compute(evaluate_op(params=evaluate_params, code_version=code, clips=prep.outputs["clips"],
                                      flow=flow.outputs["flow"], rgb=rgb.outputs["model"],
                                      flow_model=temporal.outputs["model"])).set_display_name("two-stream")
@@ -135,11 +194,15 @@ def vidistill_dag(
         student = compute(distill_op(params=distill_params, code_version=code, method=method,
                                      clips=prep.outputs["clips"], flow=flow.outputs["flow"],
                                      teacher_rgb=rgb.outputs["model"], teacher_flow=temporal.outputs["model"],
-                                     pretrained=encoder.outputs["model"]), gpu=True)
+                                     pretrained=encoder.outputs["model"], mvd_encoder=masked_student.outputs["model"]),
+                          gpu=True)
         student.set_display_name("distill")
     # a Collected channel may be consumed once (kfp 2.17's compiler fails on a reused one): one per consumer
-    report = compute(report_op(students=dsl.Collected(student.outputs["student"]),
-                               two_stream=two_stream.outputs["metrics"])).set_display_name("comparison-report")
+    comparison = compute(report_op(students=dsl.Collected(student.outputs["student"]), two_stream=two_stream.outputs["report"],
+                                   teacher_rgb=rgb.outputs["model"], teacher_flow=temporal.outputs["model"],
+                                   encoder=encoder.outputs["model"], clips=prep.outputs["clips"],
+                                   source_clips=src.outputs["clips"], flow=flow.outputs["flow"],
+                                   distill_params=distill_params, code_version=code)).set_display_name("comparison")
     best = compute(select_best_op(students=dsl.Collected(student.outputs["student"]))).set_display_name("select-best")
     exported = compute(export_op(params=export_params, code_version=code, student=best.outputs["best"],
                                  clips=prep.outputs["clips"])).set_display_name("export-onnx")
@@ -147,15 +210,22 @@ def vidistill_dag(
                                 flow=flow.outputs["flow"], teacher_rgb=rgb.outputs["model"],
                                 teacher_flow=temporal.outputs["model"], encoder=encoder.outputs["model"],
                                 two_stream=two_stream.outputs["report"],
-                                students=dsl.Collected(student.outputs["student"]), onnx=exported.outputs["onnx"],
-                                report=report.outputs["report"], page=report.outputs["page"])).set_display_name("track-stages")
+                                students=dsl.Collected(student.outputs["student"]),
+                                onnx=exported.outputs["onnx"], image_teacher=image_teacher.outputs["model"],
+                                video_teacher=video_teacher.outputs["model"],
+                                masked_student=masked_student.outputs["model"])).set_display_name("track-stages")
     with dsl.If(exported.outputs["Output"] == True, name="parity-passed"):  # noqa: E712 - kfp condition syntax
-        side_effect(register_op(params=register_params, parent_run_id=parent_run_id, onnx=exported.outputs["onnx"],
-                                model_name=model_name, margin=promotion_margin)).set_display_name("register-promote")
+        registered = side_effect(register_op(params=register_params, parent_run_id=parent_run_id,
+                                             onnx=exported.outputs["onnx"])).set_display_name("register-promote")
+    with dsl.Else(name="parity-failed"):
+        refused = compute(not_registered_op(onnx=exported.outputs["onnx"])).set_display_name("not-registered")
+    side_effect(publish_report_op(parent_run_id=parent_run_id, comparison=comparison.outputs["comparison"],
+                                  onnx=exported.outputs["onnx"], register_params=register_params,
+                                  decision=dsl.OneOf(registered.output, refused.output))).set_display_name("publish-report")
 
 
-STAGE_SECTIONS = ("prep", "flow", "teach", "pretrain", "distill", "evaluate", "export", "register")
-PIPELINE_KEYS = ("methods", "model_name", "promotion_margin", "run_name")
+STAGE_SECTIONS = ("prep", "flow", "teach", "pretrain", "distill", "evaluate", "export", "register", "mvd_pretrain")
+PIPELINE_KEYS = ("methods", "run_name", "shards")  # params.yaml `pipeline` keys that are pipeline parameters
 
 
 def pipeline_arguments(params: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -169,8 +239,7 @@ def pipeline_arguments(params: dict[str, Any], **overrides: Any) -> dict[str, An
 
 
 def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
-    """The pipeline, with its defaults (`methods`, `model_name`, `promotion_margin`, `run_name`) taken from
-    params.yaml's `pipeline` section; without a `pipeline.methods` the fan-out is every registered method.
+    """The pipeline, with its defaults (the stage sections, `methods`, `run_name`) taken from params.yaml; without a `pipeline.methods` the fan-out is every registered method.
 
     Args:
         params: params.yaml as a dict.
@@ -184,7 +253,6 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         vidistill.config.ConfigError: `pipeline.methods` is empty, not a list, or names a method the
             registry does not know.
     """
-    from vidistill.config import ConfigError
     from vidistill.distill import list_methods
 
     defaults = pipeline_arguments(params)
@@ -197,9 +265,11 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         raise ConfigError(f"pipeline.methods names unknown method(s) {', '.join(map(str, unknown))}; "
                           f"registered: {', '.join(list_methods())}")
     default_methods = list(methods)
-    default_model = str(defaults.get("model_name", "vidistill"))
-    default_margin = float(defaults.get("promotion_margin", 0.0))
     default_run = str(defaults.get("run_name", PIPELINE_NAME))
+    default_shards = defaults.get("shards", 1)
+    if not isinstance(default_shards, int) or isinstance(default_shards, bool) or default_shards < 1:
+        raise ConfigError(f"params.yaml pipeline.shards must be an integer >= 1 (pieces prep and flow fan out over), "
+                          f"got {default_shards!r}")
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Distil video action-recognition teachers into RGB-only ONNX students")
     def vidistill_pipeline(
@@ -212,25 +282,27 @@ def build_pipeline(params: dict[str, Any], *, code_version: str = TAG) -> Any:
         evaluate_params: dict,
         export_params: dict,
         register_params: dict,
+        mvd_pretrain_params: dict,
         methods: list = default_methods,
-        model_name: str = default_model,
-        promotion_margin: float = default_margin,
         run_name: str = default_run,
         code_version: str = code_version,
+        shards: int = default_shards,
     ):
         """Every `<stage>_params` is that stage's section of params.yaml; `source_prep_params` describes the
         source dataset the pre-trained encoder learns from; `methods` are the distillation methods to fan
         out over; `code_version` keys the cache of the compute tasks. The DAG runs inside an exit handler
         that closes the MLflow parent run, also when a task fails."""
         job = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        with dsl.ExitHandler(side_effect(end_pipeline_run_op(job_id=job)), name="tracked-run"):
-            start = side_effect(start_pipeline_run_op(name=run_name, methods=methods, model_name=model_name,
+        close = side_effect(end_pipeline_run_op(job_id=job)).set_display_name("close-mlflow-run")
+        with dsl.ExitHandler(close, name="tracked-run"):
+            start = side_effect(start_pipeline_run_op(name=run_name, methods=methods, register_params=register_params,
                                                       code_version=code_version, job_id=job))
             start.set_display_name("start-mlflow-run")
             vidistill_dag(parent_run_id=start.output, prep_params=prep_params, source_prep_params=source_prep_params,
                           flow_params=flow_params, teach_params=teach_params, pretrain_params=pretrain_params,
                           distill_params=distill_params, evaluate_params=evaluate_params, export_params=export_params,
-                          register_params=register_params, methods=methods, model_name=model_name,
-                          promotion_margin=promotion_margin, code_version=code_version).set_display_name("vidistill-dag")
+                          register_params=register_params, methods=methods,
+                          code_version=code_version,
+                          mvd_pretrain_params=mvd_pretrain_params, shards=shards).set_display_name("vidistill-dag")
 
     return vidistill_pipeline

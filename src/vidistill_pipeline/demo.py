@@ -1,18 +1,14 @@
-"""`make demo`: the whole Kubeflow pipeline on this machine (kfp.local), then a summary of what it made."""
+"""`make demo` and `vidistill pipeline run --local`: the whole Kubeflow pipeline on this machine (kfp.local),
+then the result table and where everything is."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
-
-
-def find_output(run_dir: Path, task: str, name: str) -> Path:
-    """An output artifact of a task in a kfp.local run directory (`<run>/<task>/<name>`)."""
-    hits = sorted(run_dir.glob(f"**/{task}*/{name}"))
-    if not hits:
-        raise FileNotFoundError(f"no output {name!r} of task {task!r} under {run_dir}")
-    return hits[-1]
 
 
 def champion(model_name: str) -> dict[str, Any] | None:
@@ -28,54 +24,123 @@ def champion(model_name: str) -> dict[str, Any] | None:
     return {"version": mv.version, "tags": dict(mv.tags), "source": mv.source}
 
 
-def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workdir: Path = Path("."),
-             cache: bool = True) -> dict[str, Any]:
-    """Run the pipeline locally and print the comparison, the champion and where to look.
+def _task(tasks: list[Any], label: str) -> Any:
+    """The (last) task record with this display name, or None (e.g. a branch that did not run)."""
+    hits = [t for t in tasks if t.label == label]
+    return hits[-1] if hits else None
 
-    Outputs are found through the index the uncached `track-stages` task writes in this run's folder,
-    so tasks served from kfp.local's cache (`cache=True`) are found where an earlier run made them.
+
+def _output_path(tasks: list[Any], label: str, output: str) -> Path | None:
+    task = _task(tasks, label)
+    value = task.outputs.get(output) if task is not None else None
+    return Path(value.path) if getattr(value, "path", None) else None
+
+
+def demo_note(params: dict[str, Any], profile: str, data: dict[str, Any]) -> str:
+    """What the numbers of a synthetic-data profile run can say, with the run's own numbers ("" for
+    anything but the synthetic dataset: a user's data needs no such note)."""
+    prep = params.get("prep") or {}
+    if prep.get("dataset", "synthetic") != "synthetic":
+        return ""
+    students = [m for m in data.get("models", []) if m.get("role") == "student" and m.get("top1") is not None]
+    if not students:
+        return ""
+    best = max(students, key=lambda m: m["top1"])
+    epochs = (params.get("distill") or {}).get("train", {}).get("epochs", "?")
+    per_class = (prep.get("synth") or {}).get("videos_per_class", "?")
+    return (f"Profile {profile!r} trains on {per_class} synthetic videos per class for {epochs} epoch(s), to show the "
+            f"pipeline end to end: its best student reached top-1 {best['top1']:.3f} against chance "
+            f"{data['chance']['top1']:.3f}, which says little about the methods. For the method comparison run "
+            "`vidistill bench methods` (README, \"Method comparison\").")
+
+
+def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workdir: Path = Path("."), cache: bool = True,
+             overrides: dict[str, Any] | None = None, console: Any = None) -> dict[str, Any]:
+    """Check the parameters, run the pipeline locally, then print the comparison, the registration
+    decision and where everything is.
+
+    Args:
+        profile: a key of `runner.PROFILES`.
+        params: the params.yaml to start from.
+        workdir: where data/, runs/, outputs/ and mlflow.db go.
+        cache: reuse kfp.local's cache.
+        overrides: dotted params.yaml keys (`--set`), checked with everything else before any work.
+        console: a `rich.console.Console` with a fixed file (default: stdout).
+
+    Returns:
+        The summary also written to `<workdir>/outputs/demo_summary.json`.
+
+    Raises:
+        vidistill.config.ConfigError: a bad parameter (nothing has run).
+        vidistill_pipeline.runner.PipelineFailed: a task failed.
     """
     from rich.console import Console
     from rich.markdown import Markdown
+    from rich.markup import escape
 
-    from vidistill_pipeline.runner import local_tracking, run_local
+    from vidistill_pipeline.runner import local_tracking, resolve_params, run_local
 
-    console = Console()
-    console.rule(f"vidistill pipeline — local run, profile {profile!r}")
+    console = console or Console(file=sys.stdout, highlight=False)
     workdir = Path(workdir).resolve()
+    resolved = resolve_params(params, profile=profile, workdir=workdir, overrides=overrides)  # before any work
+    model_name = str(resolved.get("register", {}).get("model_name", ""))
+    prep = resolved.get("prep", {})
+    methods = resolved.get("pipeline", {}).get("methods", [])
+    console.rule(f"vidistill pipeline: local run, profile {profile!r}")
+    console.print(escape(f"data: {prep.get('dataset')} at {prep.get('root')}; methods: {', '.join(methods)}; "
+                         f"registered model: {model_name}"), soft_wrap=True)
+    given = os.environ.get("MLFLOW_TRACKING_URI", "")
     with local_tracking(workdir):
-        result = run_local(params, profile=profile, workdir=workdir, cache=cache)
-        model_name = result["params"].get("register", {}).get("model_name", "vidistill-synthetic")
+        result = run_local(resolved, workdir=workdir, cache=cache, console=console)
         champ = champion(model_name)
-    run_dir: Path = result["run_dir"]
-    index = json.loads(find_output(run_dir, "track-stages-op", "index").read_text())
-    report, page = Path(index["stages"]["report"]["path"]), Path(index["stages"]["page"]["path"])
-    onnx = Path(index["stages"]["export"]["path"]) / "model.onnx"
+    tasks = result["tasks"]
+    report, page = _output_path(tasks, "publish-report", "report"), _output_path(tasks, "publish-report", "page")
+    index_path = _output_path(tasks, "track-stages", "index")
+    index = json.loads(index_path.read_text()) if index_path else {"reused": {}, "adopted": {}, "stages": {}}
+    onnx_dir = _output_path(tasks, "export-onnx", "onnx")
+    outcome_task = _task(tasks, "register-promote") or _task(tasks, "not-registered")
+    outcome = json.loads(outcome_task.outputs["Output"]) if outcome_task and "Output" in outcome_task.outputs else {}
+    comparison_dir = _output_path(tasks, "comparison", "comparison")
+    data = json.loads((comparison_dir / "comparison.json").read_text()) if comparison_dir else {}
+
     console.rule("result")
-    console.print(Markdown(report.read_text()))
-    if profile in ("demo", "tiny"):
-        console.print(f"(profile {profile!r} trains on few videos for few epochs, so these models stay near chance: the "
-                      "run shows the pipeline. For the method comparison run `vidistill bench methods`; README, "
-                      "\"Method comparison\".)")
+    if report:
+        console.print(Markdown(report.read_text()))
+    note = demo_note(resolved, profile, data)
+    if note:
+        console.print(escape(note))
     if champ:
         tags = champ["tags"]
-        console.print(f"[bold]champion[/]: models:/{model_name}@champion = version {champ['version']} "
-                      f"(method {tags.get('method')}, top1 {tags.get('top1')}, parity {tags.get('parity_passed')}; "
-                      f"decision: {tags.get('promotion.reason', '')})")
+        console.print("[bold]champion[/]: " + escape(f"models:/{model_name}@champion = version {champ['version']} "
+                                                    f"(method {tags.get('method')}, top-1 {float(tags.get('top1', 'nan')):.3f})"))
     else:
-        console.print(f"[bold red]no champion[/] in {model_name}: see the register-promote task output")
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    console.print(f"ONNX student (RGB only): {onnx}\ncomparison report: {report}  (HTML: {page})\n"
-                  f"pipeline outputs: {run_dir}\nwall time: {result['seconds']:.0f} s\n"
-                  f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --default-artifact-root {workdir / 'mlartifacts'} "
-                  f"--host 127.0.0.1 --port 5000\n"
-                  f"serve the champion: .venv/bin/vidistill serve --model models:/{model_name}@champion "
-                  f"(with MLFLOW_TRACKING_URI={uri})")
-    if index["reused"]:
-        console.print(f"served from the cache (code version {result['code_version']}): {', '.join(index['reused'])}")
-    summary = {"profile": profile, "seconds": result["seconds"], "run_dir": str(run_dir), "report": str(report),
-               "onnx": str(onnx), "champion": champ, "tracking_uri": uri, "index": index,
-               "code_version": result["code_version"]}
-    out = Path(workdir) / "outputs" / "demo_summary.json"
+        console.print("[bold red]no champion[/] " + escape(f"in {model_name}: {outcome.get('reason') or 'see the decision above'}"))
+    # the server local_tracking started is gone now: name the store it served (or the user's own server)
+    uri = given if given.startswith(("http://", "https://", "sqlite:///")) else f"sqlite:///{workdir / 'mlflow.db'}"
+    if page and report:  # a copy a person can open by name (kfp's artifact files have no extension)
+        shutil.copyfile(page, workdir / "outputs" / "comparison.html")
+        shutil.copyfile(report, workdir / "outputs" / "comparison.md")
+        page, report = workdir / "outputs" / "comparison.html", workdir / "outputs" / "comparison.md"
+    onnx = onnx_dir / "model.onnx" if onnx_dir else None
+    lines = [f"report: {page}  (Markdown: {report})", f"ONNX student (RGB only): {onnx}",
+             f"task logs: {result['log_dir']}", f"pipeline outputs: {result['run_dir']}",
+             f"wall time: {result['seconds']:.0f} s",
+             f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --default-artifact-root {workdir / 'mlartifacts'} "
+             "--host 127.0.0.1 --port 5000"]
+    if champ:
+        lines.append(f"serve the champion: MLFLOW_TRACKING_URI={uri} .venv/bin/vidistill serve "
+                     f"--model models:/{model_name}@champion")
+    console.print(escape("\n".join(lines)), soft_wrap=True)
+    cached = [t.label for t in tasks if t.status == "cached"]
+    if cached:
+        console.print(escape(f"served from kfp.local's cache (code version {result['code_version']}): {', '.join(cached)}"),
+                      soft_wrap=True)
+    summary = {"profile": profile, "seconds": result["seconds"], "run_dir": str(result["run_dir"]),
+               "log_dir": str(result["log_dir"]), "report": str(report), "page": str(page), "onnx": str(onnx),
+               "model_name": model_name, "champion": champ, "outcome": outcome, "tracking_uri": uri, "index": index,
+               "code_version": result["code_version"],
+               "tasks": [{"label": t.label, "status": t.status, "seconds": t.seconds, "log": str(t.log)} for t in tasks]}
+    out = workdir / "outputs" / "demo_summary.json"
     out.write_text(json.dumps(summary, indent=2, default=str))
     return summary
+

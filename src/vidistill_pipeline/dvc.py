@@ -12,6 +12,20 @@ Each stage names exactly what it reads:
 - **inputs**: upstream outputs; a student depends only on the teachers its method declares
   (`Distiller.needs`) and on the flow only when the method reads it (`Distiller.needs_flow`).
 
+What experiments keep (checked against dvc 3.67 in tests/test_dvc_experiments.py):
+- **metrics and plots are cached outputs** (DVC's default `cache: true`), not `cache: false` files:
+  `runs/` is git-ignored, so uncached metrics were in no commit and `dvc exp show`, `dvc metrics diff`
+  and `dvc plots diff` found nothing. Cached, they are versioned with each experiment's `dvc.lock`,
+  and `dvc exp apply` / `dvc checkout` restore them together with the models they describe.
+- **training checkpoints are persisted** (`persist: true, cache: false`): DVC deletes a stage's
+  outputs before it runs it, checkpoints included, so a `dvc repro` killed mid-training retrained every
+  epoch. The training commands run with `--resume --restart-if-stale`: an interrupted run of the same
+  data, settings and code continues; any other checkpoint (a finished run, other parameters or code)
+  is set aside and training starts over. DVC keeps stages with persisted outputs out of its run-cache,
+  so an experiment's training stages always run (they are never restored from an earlier identical run).
+- MLflow runs of `dvc exp run --temp` / `--queue` (which run in a copy under `.dvc/tmp/exps/`) land in
+  the project's store: DVC sets `$DVC_ROOT` to the project (`vidistill.registry.tracking.project_root`).
+
 Why generated: DVC's templating cannot derive the per-method inputs from params.yaml. It refuses to
 interpolate a list into `deps` ("Cannot interpolate data of type 'list'", `validate_value` in
 dvc/parsing/interpolate.py, dvc 3.67), does not nest interpolations (`${needs.${item}}`), and gives
@@ -161,7 +175,24 @@ def _distill_inputs(params: dict[str, Any]) -> dict[str, str]:
     cfg = from_dict(DistillConfig, params.get("distill") or {}, where="distill.")
     pretrain_out = (params.get("pretrain") or {}).get("out", "runs/pretrain")
     return {"teacher_rgb": cfg.teacher_rgb, "teacher_flow": cfg.teacher_flow, "pretrained": f"{pretrain_out}/model.pt",
-            "flow": cfg.flow, "clips": cfg.clips}
+            "mvd_encoder": cfg.mvd_encoder, "flow": cfg.flow, "clips": cfg.clips}
+
+
+def _masked_pretrain_stages(params: dict[str, Any], methods: list[str], clips: str, teacher: Any) -> dict[str, Any]:
+    """Masked video distillation's pre-training stages (params.yaml `mvd_pretrain`: MAE image teacher, VideoMAE video
+    teacher, MVD student), generated only when a method of `methods` needs the `mvd_encoder` they lead to."""
+    from vidistill.distill import get_method
+
+    if not any("mvd_encoder" in get_method(m).needs for m in methods):
+        return {}
+    sections = params.get("mvd_pretrain") or {}
+    out = {s: (sections.get(s) or {}).get("out", f"runs/mvd/{s}") for s in ("image_teacher", "video_teacher", "student")}
+    student = sections.get("student") or {}
+    teachers = [student.get("image_teacher", f"{out['image_teacher']}/model.pt"),
+                student.get("video_teacher", f"{out['video_teacher']}/model.pt")]
+    return {f"mvd_{s}": teacher(f"vidistill teach --quiet --section mvd_pretrain.{s}", out[s],
+                                [clips, *(teachers if s == "student" else [])], f"mvd_pretrain.{s}", plots=False)
+            for s in ("image_teacher", "video_teacher", "student")}
 
 
 def _flag(field_name: str) -> str:
@@ -185,14 +216,15 @@ def build_dvc(params: dict[str, Any], root: Path) -> dict[str, Any]:
     clips, flow_out = prep.get("out", "data/clips"), (params.get("flow") or {}).get("out", "data/flow")
     source_clips, pretrain_out = source.get("out", "data/clips_source"), (params.get("pretrain") or {}).get("out", "runs/pretrain")
     code = {c: code_deps(c, root) for c in COMMAND_STAGE}
-    uncached = {"cache": False}
+    persisted = {"persist": True, "cache": False}  # survives DVC's removal of outputs before a rerun: --resume
+    resume = "--resume --restart-if-stale"
 
     def teacher(cmd: str, out: str, inputs: list[str], section: str, plots: bool) -> dict[str, Any]:
         stage: dict[str, Any] = {"cmd": cmd, "deps": code["teach"] + inputs, "params": [section],
-                                 "outs": [f"{out}/model.pt", {f"{out}/checkpoints": uncached}],
-                                 "metrics": [{f"{out}/eval/metrics.json": uncached}]}
+                                 "outs": [f"{out}/model.pt", {f"{out}/checkpoints": persisted}],
+                                 "metrics": [f"{out}/eval/metrics.json"]}
         if plots:
-            stage["plots"] = [{f"{out}/history.json": {"x": "epoch", "y": "loss", "cache": False}}]
+            stage["plots"] = [{f"{out}/history.json": {"x": "epoch", "y": "loss"}}]
         return stage
 
     stages: dict[str, Any] = {
@@ -202,17 +234,18 @@ def build_dvc(params: dict[str, Any], root: Path) -> dict[str, Any]:
                         "params": ["pipeline.source_prep"],
                         "outs": [{source.get("root", "data/raw/synthetic_d1"): {"persist": True}}, source_clips]},
         "flow": {"cmd": "vidistill flow --quiet", "deps": code["flow"] + [clips], "params": ["flow"], "outs": [flow_out]},
-        "teach_rgb": teacher("vidistill teach --quiet --modality rgb --out runs/teacher_rgb", "runs/teacher_rgb",
+        "teach_rgb": teacher(f"vidistill teach --quiet {resume} --modality rgb --out runs/teacher_rgb", "runs/teacher_rgb",
                              [clips], "teach", plots=True),
-        "teach_flow": teacher("vidistill teach --quiet --modality flow --out runs/teacher_flow", "runs/teacher_flow",
-                              [clips, flow_out], "teach", plots=False),
-        "pretrain": teacher("vidistill teach --quiet --section pretrain", pretrain_out, [source_clips], "pretrain",
-                            plots=False),
+        "teach_flow": teacher(f"vidistill teach --quiet {resume} --modality flow --out runs/teacher_flow",
+                              "runs/teacher_flow", [clips, flow_out], "teach", plots=False),
+        "pretrain": teacher(f"vidistill teach --quiet {resume} --section pretrain", pretrain_out, [source_clips],
+                            "pretrain", plots=False),
         "two_stream": {"cmd": "vidistill evaluate --quiet --checkpoint runs/teacher_rgb/model.pt,runs/teacher_flow/model.pt "
                               "--out runs/two_stream",
                        "deps": code["evaluate"] + ["runs/teacher_rgb/model.pt", "runs/teacher_flow/model.pt", clips, flow_out],
-                       "params": ["evaluate"], "metrics": [{"runs/two_stream/metrics.json": uncached}]},
+                       "params": ["evaluate"], "metrics": ["runs/two_stream/metrics.json"]},
     }
+    stages.update(_masked_pretrain_stages(params, methods, clips, teacher))
     made = {o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s.get("outs", [])}
 
     paths = _distill_inputs(params)
@@ -246,12 +279,12 @@ def build_dvc(params: dict[str, Any], root: Path) -> dict[str, Any]:
     out = "runs/distill/${key}"
     stages["distill"] = {
         "foreach": items,
-        "do": {"cmd": "vidistill distill --quiet --method ${key} --out " + out + "${item.args}",
+        "do": {"cmd": f"vidistill distill --quiet {resume} --method ${{key}} --out {out}${{item.args}}",
                "deps": code["distill"] + ["${item.code}", clips] + [f"${{item.input{i}}}" for i in range(slots)],
                "params": ["distill.student", "distill.train", "${item.params}"],
-               "outs": [f"{out}/model.pt", {f"{out}/checkpoints": uncached}],
-               "metrics": [{f"{out}/eval/metrics.json": uncached}],
-               "plots": [{f"{out}/history.json": {"x": "epoch", "y": "loss", "cache": False}}]},
+               "outs": [f"{out}/model.pt", {f"{out}/checkpoints": persisted}],
+               "metrics": [f"{out}/eval/metrics.json"],
+               "plots": [{f"{out}/history.json": {"x": "epoch", "y": "loss"}}]},
     }
     stages["export"] = {
         "foreach": list(methods),

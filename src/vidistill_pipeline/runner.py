@@ -1,4 +1,4 @@
-"""Compile, run locally (`kfp.local`) and schedule the vidistill pipeline."""
+"""Compile the vidistill pipeline, run it locally (`kfp.local`), submit one run to a cluster, or schedule it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vidistill.config import ConfigError, load_params, set_dotted
+from vidistill.config import ConfigError, load_params, set_dotted, validate_pipeline_params
 
 COMPILED = Path("pipeline.yaml")  # relative to the working directory, beside params.yaml and dvc.yaml
 
@@ -69,24 +69,85 @@ def compile_pipeline(path: str | Path = COMPILED, *, params_file: str | Path = "
     return path
 
 
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`["prep.frames=8", "pipeline.methods=[m1, m2]"]` -> `{"prep.frames": 8, "pipeline.methods": ["m1", "m2"]}`.
+
+    Each value is read as params.yaml would read it (YAML: `8` is a number, `true` a boolean, `[a, b]` a
+    list); the stage dataclasses then coerce it as they do for the file.
+
+    Raises:
+        ConfigError: an item without `=` or with an empty key.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE with a dotted params.yaml key (e.g. prep.root=/videos), got {item!r}")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(parsed, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", parsed.strip()):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-3 as a string; a person means a number
+        out[key.strip()] = parsed
+    return out
+
+
+PREP_SECTIONS = ("prep", "pipeline.source_prep")  # sections read by PrepConfig
+
+
+def _section(params: dict[str, Any], dotted: str) -> Any:
+    cur: Any = params
+    for key in dotted.split("."):
+        cur = cur.get(key) if isinstance(cur, dict) else None
+    return cur
+
+
 def resolve_params(params_file: str | Path = "params.yaml", *, profile: str = "demo", workdir: str | Path = ".",
-                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """params.yaml + profile + overrides, with every relative data/run path made absolute under `workdir`."""
+                   overrides: dict[str, Any] | None = None, absolute: bool = True) -> dict[str, Any]:
+    """params.yaml + profile + overrides (`--set`), checked (`vidistill.config.validate_pipeline_params`) before anything runs.
+
+    With `absolute` (a local run), every relative `data/...` and `runs/...` path is made absolute under
+    `workdir`, and a prep section's other relative `root` (a folder the user named) under the current
+    directory, so every task process reads the same files. A prep section's generated synthetic videos
+    go where it reads them (`synth.out` follows `root`) unless `synth.out` is set explicitly.
+
+    Raises:
+        ConfigError: an unknown profile, section or key, or a value a stage would refuse.
+    """
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     params = copy.deepcopy(load_params(params_file))
-    for key, value in {**PROFILES[profile], **(overrides or {})}.items():
+    overrides = dict(overrides or {})
+    for key, value in {**PROFILES[profile], **overrides}.items():
         set_dotted(params, key, value)
-    root = Path(workdir).resolve()
+    for name in PREP_SECTIONS:
+        section = _section(params, name)
+        if isinstance(section, dict) and isinstance(section.get("synth"), dict) and f"{name}.synth.out" not in overrides:
+            section["synth"]["out"] = section.get("root", section["synth"].get("out"))
+    methods = _section(params, "pipeline.methods")
+    if isinstance(methods, str):  # --set pipeline.methods=m1,m2
+        params["pipeline"]["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+    if absolute:
+        root = Path(workdir).resolve()
 
-    def absolute(d: Any) -> Any:
-        if isinstance(d, dict):
-            return {k: absolute(v) for k, v in d.items()}
-        if isinstance(d, str) and re.match(r"^(data|runs)/", d):
-            return str(root / d)
-        return d
+        def to_absolute(d: Any) -> Any:
+            if isinstance(d, dict):
+                return {k: to_absolute(v) for k, v in d.items()}
+            if isinstance(d, str) and re.match(r"^(data|runs)/", d):
+                return str(root / d)
+            return d
 
-    return absolute(params)
+        params = to_absolute(params)
+        for name in PREP_SECTIONS:
+            section = _section(params, name)
+            if isinstance(section, dict) and isinstance(section.get("root"), str) and section["root"]:
+                section["root"] = str(Path(section["root"]).expanduser().resolve())
+                if isinstance(section.get("synth"), dict) and f"{name}.synth.out" not in overrides:
+                    section["synth"]["out"] = section["root"]
+    return validate_pipeline_params(params)
 
 
 @contextmanager
@@ -113,41 +174,187 @@ def local_tracking(workdir: str | Path) -> Iterator[str]:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-def run_local(params_file: str | Path = "params.yaml", *, profile: str = "demo", workdir: str | Path = ".",
-              overrides: dict[str, Any] | None = None, cache: bool = True) -> dict[str, Any]:
+class PipelineFailed(RuntimeError):
+    """A task of a local run failed. `tasks` are the failed tasks (`console.TaskRecord`: label, log)."""
+
+    def __init__(self, tasks: list[Any]) -> None:
+        self.tasks = tasks
+        super().__init__("task(s) failed: " + ", ".join(f"{t.label} (log: {t.log})" for t in tasks))
+
+
+def task_summary(label: str, outputs: dict[str, Any]) -> str:
+    """A few words on what a finished task made, from its outputs' metadata (the console's end line)."""
+    import json
+
+    parts = []
+    for name, value in outputs.items():
+        meta = dict(getattr(value, "metadata", None) or {})
+        if name == "clips" and "clips" in meta:  # kfp keeps metadata numbers as floats
+            splits = sorted(meta["clips"].items(), key=lambda kv: (kv[0] != "train", kv[0]))  # train first
+            parts.append(" / ".join(f"{int(n)} {s}" for s, n in splits) +
+                         f" clips, {int(meta.get('skipped', 0))} input(s) skipped")
+        elif name == "flow" and "pairs" in meta:
+            parts.append(f"{int(meta['pairs'])} frame pairs, {meta.get('pairs_per_s', 0):.1f} pairs/s, "
+                         f"{int(meta.get('failed', 0))} failed")
+        elif name in ("model", "student", "report") and "top1" in meta:
+            parts.append(f"top-1 {meta['top1']:.3f}, top-5 {meta.get('top5', 0):.3f}, mAP {meta.get('mAP', 0):.3f}")
+        elif name == "best" and "method" in meta:
+            parts.append(f"best student: {meta['method']} (top-1 {meta.get('top1', 0):.3f})")
+        elif name == "onnx" and "parity_passed" in meta:
+            parts.append("ONNX parity " + ("passed" if meta["parity_passed"] else "FAILED") +
+                         (f" (max |diff| {meta['parity_max_abs_diff']:.1e})" if meta.get("parity_max_abs_diff") is not None else ""))
+        elif name == "Output" and isinstance(value, str) and value.startswith("{"):
+            outcome = json.loads(value)
+            if outcome.get("registered"):
+                parts.append(f"{outcome['model_name']} v{outcome['version']}: {outcome['decision'].get('decision')}")
+            else:
+                parts.append(f"not registered: {outcome.get('reason')}")
+    return "; ".join(parts)
+
+
+def run_local(params: dict[str, Any], *, workdir: str | Path = ".", cache: bool = True, console: Any = None) -> dict[str, Any]:
     """Run the whole pipeline on this machine with `kfp.local.SubprocessRunner` (the `make demo` job).
 
+    The console gets one line per task as it starts and ends; each task's output (its stages' progress,
+    kfp's executor log and warnings) goes to `<run folder>/logs/<task>.log` (`console.TaskConsole`).
     With `cache` (the default) compute tasks whose inputs and `code_version()` match an earlier run in
     `<workdir>/outputs/kfp` are served from kfp.local's cache, so a rerun after a failure resumes.
     Call it inside `local_tracking(workdir)` (or with MLFLOW_TRACKING_URI pointing at a server).
 
+    Args:
+        params: resolved parameters (`resolve_params`).
+        workdir: the pipeline root is `<workdir>/outputs/kfp`.
+        cache: reuse kfp.local's cache.
+        console: a `rich.console.Console` writing to a fixed file (default: this process's stdout).
+
     Returns:
-        `seconds`, `pipeline_root`, `run_dir` (this run's folder), `params` (resolved), `code_version`.
+        `seconds`, `pipeline_root`, `run_dir` (this run's folder), `log_dir`, `tasks` (`TaskRecord`s, with
+        each task's outputs), `params`, `code_version`.
+
+    Raises:
+        PipelineFailed: a task failed (after the exit handler closed the MLflow parent run).
     """
     from kfp import local
 
+    from vidistill_pipeline.console import TaskConsole
     from vidistill_pipeline.dag import build_pipeline, pipeline_arguments
 
     workdir = Path(workdir).resolve()
-    params = resolve_params(params_file, profile=profile, workdir=workdir, overrides=overrides)
     pipeline_root = workdir / "outputs" / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True,
                enable_caching=cache)
     version = code_version()
     pipeline = build_pipeline(params)
     t0 = time.perf_counter()
-    started = time.time()
-    pipeline(**pipeline_arguments(params, code_version=version))
+    with TaskConsole(pipeline_root, console=console, summarise=task_summary) as tasks:
+        try:
+            pipeline(**pipeline_arguments(params, code_version=version))
+        except RuntimeError:
+            if tasks.failed:
+                raise PipelineFailed(tasks.failed) from None
+            raise
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "pipeline_root": pipeline_root, "run_dir": _latest_run(pipeline_root, started),
-            "params": params, "code_version": version}
+    return {"seconds": seconds, "pipeline_root": pipeline_root, "run_dir": tasks.run_dir, "log_dir": tasks.log_dir,
+            "tasks": tasks.tasks, "params": params, "code_version": version}
 
 
-def _latest_run(pipeline_root: Path, since: float) -> Path:
-    runs = [p for p in pipeline_root.glob("vidistill-*") if p.is_dir() and p.stat().st_mtime >= since - 1]
-    if not runs:
-        raise FileNotFoundError(f"no pipeline output under {pipeline_root}")
-    return max(runs, key=lambda p: p.stat().st_mtime)
+def kfp_client(host: str) -> Any:
+    """A `kfp.Client` for the Kubeflow Pipelines API at `host`, authenticated the ways kfp itself reads
+    from the environment, never from command-line flags:
+
+    - a service-account token file (`$KF_PIPELINES_SA_TOKEN_PATH`, or kfp's default
+      `/var/run/secrets/kubeflow/pipelines/token` inside a cluster), reread on every request;
+    - Identity-Aware Proxy: `$KF_PIPELINES_IAP_OAUTH2_CLIENT_ID` (and the `..._APP_OAUTH2_...` pair);
+    - a cookie or header from kfp's context file (`~/.config/kfp/context.json`);
+    - `$KF_PIPELINES_UI_ENDPOINT` for the UI links when it differs from the API host.
+    """
+    import warnings
+
+    import kfp
+    from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH
+
+    kwargs: dict[str, Any] = {}
+    if os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or Path(KF_PIPELINES_SA_TOKEN_PATH).exists():
+        from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 ..."
+        return kfp.Client(host=host, **kwargs)
+
+
+def run_url(host: str, run_id: str) -> str:
+    """The Kubeflow UI page of a run (`$KF_PIPELINES_UI_ENDPOINT` when the UI is elsewhere than the API)."""
+    return f"{os.environ.get('KF_PIPELINES_UI_ENDPOINT', host).rstrip('/')}/#/runs/details/{run_id}"
+
+
+FINAL_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED")
+
+
+def submit(host: str, params: dict[str, Any], *, experiment: str = "vidistill", run_name: str | None = None) -> dict[str, Any]:
+    """Submit the pipeline once to a Kubeflow Pipelines cluster (`Client.create_run_from_pipeline_package`).
+
+    The pipeline is compiled from `params` (its defaults) into a temporary package, and the run gets
+    every stage section and `methods`/`run_name` as its parameters, so `--set` reaches the cluster run.
+    `code_version` keeps its compiled default, the image tag (see `dag.py`).
+
+    Args:
+        host: the KFP API URL (e.g. `https://kubeflow.example.com/pipeline` or a port-forward).
+        params: resolved parameters (`resolve_params(..., absolute=False)`): paths are the cluster's.
+        experiment: KFP experiment (created when missing).
+        run_name: the run's display name (default: `pipeline.run_name` and the time).
+
+    Returns:
+        `{"run_id", "url", "experiment", "name", "state"}` (`state` as the server answered the submission).
+    """
+    import contextlib
+    import io
+    import tempfile
+
+    from kfp import compiler
+
+    from vidistill_pipeline.dag import build_pipeline, pipeline_arguments
+
+    client = kfp_client(host)
+    name = run_name or f"{(params.get('pipeline') or {}).get('run_name', 'vidistill')} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(build_pipeline(params), str(package))
+        with contextlib.redirect_stdout(io.StringIO()):  # kfp prints its own "Run details" line
+            result = client.create_run_from_pipeline_package(str(package), arguments=pipeline_arguments(params),
+                                                             run_name=name, experiment_name=experiment)
+    state = str(getattr(result.run_info, "state", None) or "PENDING").upper()
+    return {"run_id": result.run_id, "url": run_url(host, result.run_id), "experiment": experiment, "name": name,
+            "state": state}
+
+
+def wait_for_run(host: str, run_id: str, *, poll_s: float = 10.0, timeout_s: float | None = None,
+                 on_state: Any = None) -> str:
+    """Follow a cluster run until it ends; returns its final state (`FINAL_STATES`).
+
+    Args:
+        host: the KFP API URL.
+        run_id: the run.
+        poll_s: seconds between status requests.
+        timeout_s: give up after this long (None: no limit).
+        on_state: called with each new state.
+
+    Raises:
+        TimeoutError: `timeout_s` passed before the run ended.
+    """
+    client = kfp_client(host)
+    started, last = time.monotonic(), None
+    while True:
+        state = str(client.get_run(run_id).state or "PENDING").upper()
+        if state != last:
+            last = state
+            if on_state is not None:
+                on_state(state)
+        if state in FINAL_STATES:
+            return state
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"run {run_id} is still {state} after {timeout_s:.0f} s; follow it at {run_url(host, run_id)}")
+        time.sleep(poll_s)
 
 
 def schedule(host: str, *, cron: str, params_file: str | Path = "params.yaml", experiment: str = "vidistill",
@@ -160,14 +367,12 @@ def schedule(host: str, *, cron: str, params_file: str | Path = "params.yaml", e
     fields = cron.split()
     if len(fields) != 6:
         raise ConfigError(f"--cron must have 6 fields (seconds first, e.g. '0 0 2 * * *' = 02:00 daily), got {cron!r}")
-    import kfp
-
     from vidistill_pipeline.dag import pipeline_arguments
 
     package = Path(package)
     if not package.exists():
         compile_pipeline(package, params_file=params_file)
-    client = kfp.Client(host=host)
+    client = kfp_client(host)
     exp = client.create_experiment(experiment)
     return client.create_recurring_run(
         experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron, max_concurrency=1, no_catchup=True,

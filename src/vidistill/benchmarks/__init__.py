@@ -1,9 +1,9 @@
 """`vidistill bench ...`: benchmarks whose numbers go into the README, always with the machine named.
 
 The benchmarks live here, outside the stage modules: `prep` (`benchmarks/prep.py`), `methods`
-(`benchmarks/methods.py`), `train` and `ort` (`benchmarks/train.py`, `benchmarks/ort.py`: the GPU
-check's), the model zoo's latency (`python -m vidistill.benchmarks.models`); `flow` and `serve` are
-still in `vidistill/flow/bench.py` and `vidistill/serve/bench.py`. `run_bench`
+(`benchmarks/methods.py`), `mvd` (`benchmarks/mvd.py`), `train` and `ort` (`benchmarks/train.py`,
+`benchmarks/ort.py`: the GPU check's), the model zoo's latency (`python -m vidistill.benchmarks.models`);
+`flow` and `serve` are still in `vidistill/flow/bench.py` and `vidistill/serve/bench.py`. `run_bench`
 dispatches by name through `BENCHMARKS`.
 """
 
@@ -22,6 +22,9 @@ BENCHMARKS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "serve": ("vidistill.serve.bench", "bench_serve", {"requests": 80}),
     "methods": ("vidistill.benchmarks.methods", "bench_methods",
                 {"seeds": 1, "videos_per_class": 6, "teacher_epochs": 1, "student_epochs": 1}),
+    "mvd": ("vidistill.benchmarks.mvd", "bench_mvd",
+            {"seeds": 1, "videos_per_class": 6, "labelled_per_class": 2, "teacher_epochs": 1, "mvd_epochs": 1,
+             "finetune_epochs": 1}),
     # the GPU check (issue 19): training throughput per precision, ONNX Runtime per provider
     "train": ("vidistill.benchmarks.train", "bench_train",
               {"methods": ("none",), "precisions": ("fp32",), "batch_size": 2, "steps": 2, "warmup": 1}),

@@ -54,11 +54,14 @@ def make_task(kind: str, *, teacher: str, student: str, num_classes: int, frames
     params = method_params(kind, None)  # the method's defaults (the papers' values)
     classes = [f"c{i}" for i in range(num_classes)]
     files: dict[str, str] = {}
-    for need, (preset, modality) in {"teacher_rgb": (teacher, "rgb"), "teacher_flow": (student, "flow"),
-                                     "pretrained": (student, "rgb")}.items():
+    own = method.student_name(params, student)  # mvd_encoder: the method's own student, as `teach --pretext mvd` tags it
+    for need, (preset, modality, extra) in {"teacher_rgb": (teacher, "rgb", {}), "teacher_flow": (student, "flow", {}),
+                                            "pretrained": (student, "rgb", {}),
+                                            "mvd_encoder": (own, "rgb", {"pretext": "mvd"})}.items():
         if need in method.needs:
             kwargs = {**shape, "modality": modality}
-            path = save_model(workdir / f"{need}.pt", create_model(preset, **kwargs), name=preset, kwargs=kwargs, classes=classes)
+            path = save_model(workdir / f"{need}.pt", create_model(preset, **kwargs), name=preset, kwargs=kwargs,
+                              classes=classes, extra=extra)
             files[need] = str(path)
     ctx = DistillContext(num_classes=num_classes, classes=classes, frames=frames, size=size, **files)
     # as `vidistill distill` builds it: the method picks its student preset (`student` is the default)

@@ -22,6 +22,12 @@ A class left without a usable training video (every video skipped, or none liste
 removed before anything trains on it: it is listed in `skipped`, its test videos are not written,
 and the remaining labels are renumbered in class order. When that leaves fewer than two classes,
 the stage stops with a one-line `ConfigError` naming them.
+
+Class balance is reported, not corrected (`class_balance`): the summary and the manifest carry
+`warnings` for a class removed for lack of training clips, a class without test clips (its accuracy
+cannot be measured), and a split whose largest class has `IMBALANCE_WARN` times the clips of its
+smallest or more, with the top-1 a model answering only the majority class would score. Read mean
+class accuracy beside top-1 on such data.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import av
 import cv2
@@ -50,6 +56,7 @@ from vidistill.data.video import VideoError, load_video
 from vidistill.errors import ConfigError
 
 FORMAT = 1
+IMBALANCE_WARN = 3.0  # warn when a split's largest class has this many times the clips of its smallest
 
 
 @dataclass(frozen=True)
@@ -192,12 +199,52 @@ def _classes_without_training(layout: Layout, jobs: list[_Job], usable_train: Co
     return removed
 
 
-def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
+def class_balance(splits: dict[str, dict[str, Any]], removed: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Class balance of a prep output, and the warnings it deserves.
+
+    Args:
+        splits: per split `{"per_class": {class: clips}}` (the summary's `splits`).
+        removed: classes removed for lack of a usable training video.
+
+    Returns:
+        `(balance, warnings)`: balance holds `without_test` (classes with no test clip), per split the
+        ratio of largest to smallest class (`<split>_ratio`) and the share of the largest class
+        (`<split>_majority`: the top-1 of a model that always answers it); warnings are one line each.
+    """
+    warnings = [f"class {c!r} has no usable training clip and was removed (see the skipped list)" for c in removed or []]
+    balance: dict[str, Any] = {"without_test": [], "removed": list(removed or [])}
+    test = splits.get("test", {}).get("per_class", {})
+    balance["without_test"] = [c for c, n in test.items() if n == 0]
+    if balance["without_test"]:
+        warnings.append(f"class(es) {', '.join(map(repr, balance['without_test']))} have no test clip: their accuracy "
+                        "cannot be measured and mAP leaves them out; add test videos of them (folder layouts: enough "
+                        "videos that prep.test_fraction gives each class one)")
+    for split, info in splits.items():
+        counts = {c: n for c, n in info.get("per_class", {}).items() if n > 0}
+        if len(counts) < 2:
+            continue
+        big, small = max(counts, key=counts.get), min(counts, key=counts.get)
+        ratio = counts[big] / counts[small]
+        majority = counts[big] / sum(counts.values())
+        balance[f"{split}_ratio"], balance[f"{split}_majority"] = ratio, majority
+        if ratio >= IMBALANCE_WARN:
+            warnings.append(f"{split} split is imbalanced: {counts[big]} clips of {big!r} against {counts[small]} of "
+                            f"{small!r} ({ratio:.1f}:1); always answering {big!r} scores top-1 {majority:.3f} there, "
+                            "so read mean class accuracy beside top-1")
+    return balance, warnings
+
+
+def run_prep(cfg: PrepConfig, *, progress: bool = True,
+             decoded_by: Callable[[list[_Job]], Iterable[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Run the prep stage (see the module docstring).
 
     Args:
         cfg: the stage parameters.
         progress: show a progress bar.
+        decoded_by: where the decoded videos come from: called with every job in write order, it
+            yields `decode_job`'s result for each; default: decode them here. The sharded prep's
+            merge (`vidistill.data.shards.merge_prep`) passes the shards' results, so a sharded run
+            writes exactly what an unsharded one writes.
 
     Returns:
         Summary: `dataset`, `out`, `classes` (after removals), `removed_classes`, `splits` (per split
@@ -233,9 +280,10 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
         writers = {s: _ShardWriter(tmp / s, cfg.shard_size, cfg.frames, cfg.crop) for s in SPLITS}
         videos = {s: 0 for s in SPLITS}
         chunk = max(1, min(8, len(jobs) // (8 * max(workers, 1))))
-        with progress_bar(progress) as bar, executor(workers, len(jobs)) as pool:
+        with progress_bar(progress) as bar, executor(workers if decoded_by is None else 1, len(jobs)) as pool:
             task = bar.add_task(f"prep {cfg.dataset}", total=len(jobs), info="")
-            for job, res in zip(jobs, ordered_map(pool, decode_job, jobs, chunksize=chunk)):
+            results = ordered_map(pool, decode_job, jobs, chunksize=chunk) if decoded_by is None else decoded_by(jobs)
+            for job, res in zip(jobs, results, strict=True):
                 if job.split != "train" and removed is None:
                     removed = _classes_without_training(layout, jobs, usable_train)
                 if res["sha256"]:
@@ -280,9 +328,11 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
                 per_class[classes[e["label"]]] += 1
             splits[s] = {"clips": len(w.index), "videos": videos[s], "per_class": per_class}
         src_hash = hashlib.sha256(json.dumps(sorted(sources)).encode()).hexdigest()
+        balance, warnings = class_balance(splits, [layout.classes[label] for label in removed])
         manifest = {
             "format": FORMAT, "dataset": cfg.dataset, "root": str(layout.root), "classes": classes,
             "frames": cfg.frames, "size": cfg.crop, "splits": splits, "skipped": skipped, "notes": notes,
+            "balance": balance, "warnings": warnings,
             "params": dataclasses.asdict(cfg),
             "sources": {"count": len(sources), "bytes": sum(s[1] for s in sources), "hash": src_hash},
             "hash": _shards_hash(writers),
@@ -296,7 +346,7 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
     total_clips = sum(v["clips"] for v in splits.values())
     return {"dataset": cfg.dataset, "out": str(out), "classes": classes,
             "removed_classes": [layout.classes[label] for label in removed], "splits": splits, "skipped": skipped,
-            "notes": notes, "frames_decoded": decoded, "seconds": seconds,
+            "notes": notes, "balance": balance, "warnings": warnings, "frames_decoded": decoded, "seconds": seconds,
             "frames_per_s": decoded / seconds if seconds > 0 else 0.0,
             "clips_per_s": total_clips / seconds if seconds > 0 else 0.0,
             "peak_rss_mb": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

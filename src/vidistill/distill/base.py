@@ -54,6 +54,8 @@ class DistillContext:
         teacher_rgb: `model.pt` of the RGB teacher.
         teacher_flow: `model.pt` of the flow (temporal-stream) teacher.
         pretrained: `model.pt` whose encoder initialises the student (transfer learning).
+        mvd_encoder: `model.pt` of a masked-pre-trained video ViT that `mvd` fine-tunes (`teach --pretext mvd`,
+            or `--pretext videomae` for its VideoMAE baseline).
         label_smoothing: ε of the shared supervised loss (`distill.train.label_smoothing`).
     """
 
@@ -64,13 +66,15 @@ class DistillContext:
     teacher_rgb: str = ""
     teacher_flow: str = ""
     pretrained: str = ""
+    mvd_encoder: str = ""
     label_smoothing: float = 0.0
 
 
-CONTEXT_FILES = ("teacher_rgb", "teacher_flow", "pretrained")  # the DistillContext fields that name model files
+CONTEXT_FILES = ("teacher_rgb", "teacher_flow", "pretrained", "mvd_encoder")  # the DistillContext fields that name model files
 _HINTS = {"teacher_rgb": "--teacher-rgb runs/teacher_rgb/model.pt (train it with `vidistill teach`)",
           "teacher_flow": "--teacher-flow runs/teacher_flow/model.pt (train it with `vidistill teach --modality flow`)",
-          "pretrained": "--pretrained runs/pretrain/model.pt (an encoder trained on a source dataset)"}
+          "pretrained": "--pretrained runs/pretrain/model.pt (an encoder trained on a source dataset)",
+          "mvd_encoder": "--mvd-encoder runs/mvd/student/model.pt (train it with `vidistill teach --pretext mvd`)"}
 
 
 class Distiller(TrainTask):
@@ -104,13 +108,18 @@ class Distiller(TrainTask):
 
     def __init__(self, student: nn.Module, params: Any, ctx: DistillContext) -> None:
         super().__init__()
-        missing = [n for n in self.needs if not getattr(ctx, n)]
+        missing = [n for n in self.needed_files(params) if not getattr(ctx, n)]
         if missing:
             raise ConfigError(f"method {self.key!r} needs {', '.join(missing)}: pass " + "; ".join(_HINTS.get(m, m) for m in missing))
         self.student = student
         self.params = params
         self.ctx = ctx
         self.teachers = nn.ModuleDict()
+
+    @classmethod
+    def needed_files(cls, params: Any) -> tuple[str, ...]:
+        """The `needs` that this configuration reads (default: all); e.g. `mvd` trained from scratch reads none."""
+        return cls.needs
 
     # --- the student ----------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
+from vidistill.config import validate_model_name
 from vidistill.export.runtime import MODEL_FILE, read_metadata
 from vidistill.registry.tracking import client, stage_run
 
@@ -81,7 +82,11 @@ def register_onnx(
 
     Returns:
         The new version number, as a string.
+
+    Raises:
+        vidistill.errors.ConfigError: `model_name` would not work in every `models:/` URI form.
     """
+    validate_model_name(model_name)  # before anything is uploaded: a name every models:/ URI form can serve
     path = Path(onnx_path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} does not exist; run the export stage first")

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 
 def free_port() -> int:
@@ -66,12 +67,13 @@ class MlflowServer:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = Path(log) if log else db.with_name("mlflow-server.log")
+        # percent-encoded locations: a folder may be named "my runs", "100%", "a?b" or "#1"
         cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
-               "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+               "--backend-store-uri", "sqlite:///" + quote(str(db)), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         if serve_artifacts:
-            cmd += ["--artifacts-destination", str(artifacts)]
+            cmd += ["--artifacts-destination", artifacts.as_uri()]
         else:
-            cmd += ["--default-artifact-root", str(artifacts), "--no-serve-artifacts"]
+            cmd += ["--default-artifact-root", artifacts.as_uri(), "--no-serve-artifacts"]
         # no background job executor (huey consumers): not needed here, and it triples the start time
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)

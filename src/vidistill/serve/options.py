@@ -26,7 +26,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="clips per gathered batch (with --batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching window in ms (with --batching)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level (default: warning)")
 
 
 def serve_from_args(a: argparse.Namespace) -> None:

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from vidistill.train.loop import atomic_save, load_checkpoint
+from vidistill.errors import CheckpointError
+from vidistill.train.checkpoint import atomic_save, load_checkpoint
 
 
 def save_model(path: str | Path, model: nn.Module, *, classes: list[str], name: str | None = None,
@@ -45,6 +46,11 @@ def load_model(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, dic
 
     Presets of plugins (composite students of out-of-tree methods) are found through their entry
     points (`vidistill.plugins`).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        vidistill.errors.CheckpointError: the file is empty, truncated, corrupt, a training checkpoint
+            rather than a model file, or its weights do not fit its recorded preset.
     """
     from vidistill.models import create_model
 
@@ -52,8 +58,18 @@ def load_model(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, dic
     if not path.exists():
         raise FileNotFoundError(f"model file {path} does not exist; train one with `vidistill teach` or `vidistill distill`")
     state = load_checkpoint(path)
+    missing = [k for k in ("name", "kwargs", "classes", "state_dict") if k not in state]
+    if missing:
+        hint = " (it is a training checkpoint; the model file is model.pt beside checkpoints/)" if "task" in state else ""
+        raise CheckpointError(f"{path} is not a vidistill model file: it has no {', '.join(missing)}{hint}; "
+                              "point to the model.pt that `vidistill teach` or `vidistill distill` wrote")
+    state.setdefault("extra", {})
     model = create_model(state["name"], **state["kwargs"])
-    model.load_state_dict(state["state_dict"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its weights do not fit the preset {state['name']!r} it names "
+                              f"({str(exc).splitlines()[0][:120]}); the file is corrupt, retrain it") from None
     model.to(device).eval()
     info = {k: state[k] for k in ("name", "kwargs", "classes", "extra")}
     return model, info

@@ -55,11 +55,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vidistill.data.augment import augment_batch
+from vidistill.errors import ResumeMismatchError, TrainingDivergedError
+from vidistill.outputs import atomic_write_text
+from vidistill.train.checkpoint import CHECKPOINT, atomic_save, load_checkpoint, setting_differences
 
 if TYPE_CHECKING:
     from vidistill.config import TrainConfig
 
-CHECKPOINT = "last.pt"
+__all__ = ["CHECKPOINT", "EpochPermutation", "Supervised", "TrainTask", "atomic_save", "fit", "load_checkpoint",
+           "model_input", "resolve_device", "scan", "supervised_loss"]
 
 
 class TrainTask(nn.Module):
@@ -198,18 +202,6 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(False)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write with torch.save to a temp file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 class EpochPermutation(Sampler[int]):
     """Shuffled indices whose order depends only on (seed, epoch) and the epoch's subset: resume-safe, rank-sharded.
 
@@ -345,7 +337,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.o
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def is_main_process() -> bool:
@@ -430,6 +422,15 @@ class _Dist:
 # the loop
 
 
+def _diverged(result: dict[str, Any], epoch: int, step: int, cfg: TrainConfig, *, ckpt: Path) -> TrainingDivergedError:
+    """The one-line error for a non-finite loss: where, which terms, and what to do."""
+    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in result.items()
+                      if k != "logits" and isinstance(v, torch.Tensor) and v.ndim == 0)
+    kept = f"the checkpoint of epoch {epoch} in {ckpt} is kept" if epoch > 0 else "no epoch finished, nothing was saved"
+    return TrainingDivergedError(f"the loss became non-finite at epoch {epoch + 1}, step {step} ({terms}); {kept}. "
+                                 f"Lower the learning rate (lr {cfg.lr:g}) or check the inputs, then start fresh")
+
+
 def _batch_len(batch: dict[str, Any]) -> int:
     """The number of samples in a batch (its `index`, else its first tensor)."""
     if isinstance(batch.get("index"), torch.Tensor):
@@ -447,6 +448,8 @@ def fit(
     progress: bool = True,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     stop_after_epochs: int | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    on_resume: Callable[[list[dict[str, float]]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train `task` on `dataset`; return the per-epoch history.
 
@@ -464,11 +467,20 @@ def fit(
         progress: show a progress bar.
         on_epoch_end: called (rank 0 only) with the epoch number and its metrics, e.g. to log to MLflow.
         stop_after_epochs: stop after this many epochs of this call (simulates an interruption in tests).
+        fingerprint: what the run is made of (data hash, classes, model, method, teachers, code; see
+            `vidistill.train.checkpoint`), stored in every checkpoint so a later resume can be checked
+            (`plan_resume`) before it starts.
+        on_resume: called (rank 0 only) with the history restored from the checkpoint, e.g. to log the
+            epochs an interrupted run trained but did not log.
 
     Raises:
-        ValueError: a bad setting, an empty training set, a checkpoint that does not match the run,
-            or a task whose `epoch_indices` break its `epoch_size` promise.
-        FloatingPointError: the loss became NaN or infinite.
+        ValueError: a bad setting, an empty training set, or a task whose `epoch_indices` break its
+            `epoch_size` promise.
+        vidistill.errors.ResumeMismatchError: the checkpoint does not fit the run (settings that change
+            the weights, steps per epoch, the task's state).
+        vidistill.errors.CheckpointError: the checkpoint cannot be read (empty, truncated, corrupt).
+        vidistill.errors.OutputError: a checkpoint could not be written (full disk, file-size limit).
+        vidistill.errors.TrainingDivergedError: the loss became NaN or infinite (a `FloatingPointError`).
     """
     cfg.validate()
     out = Path(out_dir)
@@ -500,21 +512,28 @@ def fit(
     start_epoch = 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        if state["config"] != asdict(cfg):
-            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(cfg).get(k))
-            raise ValueError(f"cannot resume from {ckpt_path}: training parameters changed ({', '.join(changed)}); "
-                             "use the original parameters or start fresh without --resume")
+        changed = setting_differences(state["config"], asdict(cfg))  # workers and an equivalent device never block
+        if changed:
+            raise ResumeMismatchError(f"cannot resume from {ckpt_path}: training settings changed ({', '.join(changed)}); "
+                                      "use the original settings or start fresh without --resume")
         if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-            raise ValueError(f"cannot resume from {ckpt_path}: {state['steps_per_epoch']} steps per epoch then, "
-                             f"{steps_per_epoch} now (the data or the method's samples per epoch changed); "
-                             "start fresh without --resume")
-        load_trainable_state(task, state["task"], source=str(ckpt_path))
+            raise ResumeMismatchError(f"cannot resume from {ckpt_path}: {state['steps_per_epoch']} steps per epoch then, "
+                                      f"{steps_per_epoch} now (the data or the method's samples per epoch changed); "
+                                      "start fresh without --resume")
+        try:
+            load_trainable_state(task, state["task"], source=str(ckpt_path))
+        except ValueError as exc:
+            raise ResumeMismatchError(str(exc)) from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         flip_gen.set_state(state["flip_rng"])
         history = list(json.loads(state["history"]))
         start_epoch = int(state["epoch"]) + 1
+        if ddp.main:
+            print(f"[train] resuming from {ckpt_path}: {start_epoch} of {cfg.epochs} epochs done")
+            if on_resume is not None:
+                on_resume(history)
     elif resume and ddp.main:
         print(f"[train] --resume: no checkpoint at {ckpt_path}, starting from scratch")
     else:
@@ -547,14 +566,14 @@ def fit(
                 sums: dict[str, float] = {}
                 correct = labelled = seen = 0
                 bar_task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="")
-                for batch in loader:
+                for step, batch in enumerate(loader, 1):
                     batch = augment_batch(batch, flip_gen, hflip=cfg.hflip, crop_scale=cfg.crop_scale,
                                           label_map=getattr(dataset, "hflip_label_map", None) if cfg.hflip_labels == "mirror" else None)
                     batch = to_device(batch, device)
                     result = model(batch)
                     loss = result["loss"]
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the data")
+                        raise _diverged(result, epoch, step, cfg, ckpt=ckpt_path)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip > 0:
@@ -596,8 +615,10 @@ def fit(
                         "flip_rng": flip_gen.get_state(),
                         "config": asdict(cfg),
                         "history": json.dumps(history),
-                    }, ckpt_path)
-                    (out / "history.json").write_text(json.dumps(history, indent=2))
+                        "fingerprint": json.dumps(fingerprint or {}, sort_keys=True, default=str),
+                    }, ckpt_path, advice="Free some space or choose another --out, then rerun" + (
+                        f" with --resume: the checkpoint of epoch {epoch} is intact" if epoch > 0 else ""))
+                    atomic_write_text(out / "history.json", json.dumps(history, indent=2))
                     if on_epoch_end is not None:
                         on_epoch_end(epoch + 1, metrics)
                 ddp.barrier()
