@@ -17,8 +17,8 @@ def test_method_jobs_come_from_the_registry_and_sweeps():
     jobs = method_jobs(["none", "d3d", "sd"], {})
     assert [(label, key) for label, key, _ in jobs] == [
         ("none", "none"), ("d3d (lambda_=1)", "d3d"), ("d3d (lambda_=0.1)", "d3d"), ("sd (lambda_=0)", "sd"),
-        ("sd (lambda_=0.1)", "sd"), ("sd (lambda_=100)", "sd"), ("sd (lambda_=100, snapshot_norm=running)", "sd")]
-    assert jobs[-1][2] == {"lambda_": 100.0, "snapshot_norm": "running"}
+        ("sd (lambda_=0.1)", "sd"), ("sd (lambda_=100)", "sd")]
+    assert jobs[-1][2] == {"lambda_": 100.0}
     # a sweep replaces the method's default variants by every combination, typed by its Params
     jobs = method_jobs(["sd", "toy"], {"sd": {"lambda_": ["0", "1.5"], "snapshot_norm": ["batch", "running"]},
                                        "toy": {"beta": ["2"]}})
@@ -76,5 +76,7 @@ def test_bench_methods_at_toy_scale(tmp_path):
     assert latency["method"] == "d3d (lambda_=1)" and latency["two_stream_row"] == "two-stream: none + teacher flow"
     assert latency["two_stream_ms"] > latency["student_ms"] > 0 and latency["speedup"] > 1
     assert 0 <= latency["accuracy_vs_two_stream"]
-    assert "| d3d (lambda_=1) |" in result["markdown"] and " match |" in result["markdown"].splitlines()[0]
+    md = result["markdown"].splitlines()
+    assert md[0].startswith("| gate |") and len(result["gates"]) == 3  # the regime's gates come first
+    assert "| d3d (lambda_=1) |" in result["markdown"] and " match |" in next(line for line in md if line.startswith("| method"))
     assert json.loads((tmp_path / "result.json").read_text())["settings"]["videos_per_class"] == 3

@@ -129,3 +129,72 @@ def test_one_frame_cannot_tell_the_class_but_motion_can():
                       zip(range(len(y)), range(len(y)))])
     look_acc = _ridge_accuracy(np.concatenate([frame_x, other]), np.repeat([0, 1], len(y)), 2, lam=10.0)
     assert look_acc > 0.9, f"the per-frame classifier cannot even tell two looks apart: {look_acc:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# appearance nuisance: off by default (version 1's bytes), iso-luma hue drift invisible in grayscale
+
+# sha256 (first 16 hex digits) of render_video's frames written by generator version 1 (commit 2ea9644).
+# Computed on x86-64 (AVX2); identical with numpy's AVX2 dispatch disabled (NPY_DISABLE_CPU_FEATURES=X86_V3).
+VERSION_1 = {
+    (0, 0, 0, ()): "38ec7e4589333635",
+    (0, 5, 3, ()): "6461d3d328eb7b5a",
+    (1, 2, 1, (("seed", 1),)): "9ff28ae7af0ca93e",
+    (2, 4, 7, (("width", 64), ("height", 48))): "c29b5b99bcfc3c04",
+    (3, 1, 2, (("frames", 12),)): "2543507c72b738b2",
+}
+
+
+def test_defaults_write_version_1_bytes_and_metadata(tmp_path):
+    import hashlib
+
+    for (domain, c, i, kw), digest in VERSION_1.items():
+        frames = render_video(SynthConfig(domain=domain, **dict(kw)), c, i)
+        assert hashlib.sha256(frames.tobytes()).hexdigest()[:16] == digest, f"domain {domain} class {c} video {i} changed"
+    generate(SynthConfig(out=str(tmp_path / "v1"), **SMALL), progress=False)
+    params = json.loads((tmp_path / "v1" / "synth.json").read_text())["params"]
+    assert params["generator"] == 1 and "hue_drift" not in params  # a version-1 dataset stays up to date
+    generate(SynthConfig(out=str(tmp_path / "v2"), hue_drift=10.0, **SMALL), progress=False)
+    params = json.loads((tmp_path / "v2" / "synth.json").read_text())["params"]
+    assert params["generator"] == 2 and params["hue_drift"] == 10.0
+
+
+@pytest.mark.parametrize("option", [{"colour_jitter": 1.0}, {"mixed_looks": True}, {"hue_drift": 20.0},
+                                    {"distractors": 5}, {"distractor_speed": 4.0}])
+def test_each_appearance_option_changes_the_video_deterministically(option):
+    cfg = SynthConfig(domain=0, frames=6, **option)
+    base = render_video(SynthConfig(domain=0, frames=6), 2, 0)
+    a, b = render_video(cfg, 2, 0), render_video(cfg, 2, 0)
+    assert np.array_equal(a, b)
+    assert (a != base).mean() > 0.01  # distractor_speed moves only the two small distractors: about 2 % of the values
+
+
+def test_iso_luma_hue_drift_is_invisible_to_tvl1_grayscale(tmp_path):
+    """TV-L1 reads grayscale (`prepare_pairs`, OpenCV's luma): two drift rates give the same gray frames."""
+    from vidistill.data.synthetic import encode_video, iso_luma_rotation
+    from vidistill.flow.params import TVL1Params, prepare_pairs
+
+    rgb = np.random.default_rng(0).uniform(0, 1, (100, 3))
+    luma = np.array([0.299, 0.587, 0.114])
+    np.testing.assert_allclose(rgb @ iso_luma_rotation(1.3).T @ luma, rgb @ luma, atol=1e-12)
+    slow, fast = (render_video(SynthConfig(domain=0, frames=10, hue_drift=d), 3, 1) for d in (10.0, 30.0))
+    gray = [prepare_pairs(v, v, TVL1Params())[0].astype(int) for v in (slow, fast)]
+    assert np.abs(gray[0] - gray[1]).max() <= 1  # rounding to uint8 only
+    colour = np.abs(slow.astype(int) - fast)
+    assert colour[0].max() == 0 and colour[-1].mean() > 8  # the same start, then RGB drifts apart
+    decoded = []  # through the codec (yuv420p): the luma plane carries almost nothing of the drift
+    for i, v in enumerate((slow, fast)):
+        path = str(tmp_path / f"{i}.mp4")
+        encode_video(path, v, fps=12, codec="mpeg4")
+        with av.open(path) as c:
+            decoded.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+    gray = [prepare_pairs(v, v, TVL1Params())[0].astype(int) for v in decoded]
+    assert np.abs(gray[0] - gray[1]).mean() < 1.5 < 5 < np.abs(decoded[0].astype(int) - decoded[1]).mean()
+
+
+@pytest.mark.parametrize("bad, match", [({"colour_jitter": 1.5}, "synth.colour_jitter"), ({"hue_drift": -1.0}, "synth.hue_drift"),
+                                        ({"distractors": -1}, "synth.distractors"), ({"distractor_speed": -2.0}, "synth.distractor_speed")])
+def test_bad_appearance_options_are_refused(bad, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        generate(SynthConfig(out=str(tmp_path / "x"), **bad, **SMALL), progress=False)
+    assert not (tmp_path / "x").exists()

@@ -97,9 +97,19 @@ class SynthConfig:
     fps: int = 12
     seed: int = 0
     codec: str = "mpeg4"  # any encoder PyAV has; mpeg4 is fast and always present
+    # appearance nuisance an RGB network must learn to ignore; at these defaults the videos are generator version 1's bytes
+    colour_jitter: float = 0.0  # strength s in [0, 1] of a per-video colour transform, constant in time: hue ±180°·s, saturation ×[1-0.7s, 1+0.5s], channel order shuffled with probability s
+    mixed_looks: bool = False  # palette, texture and shape of every object, and the background, drawn from the looks of domains 0-2
+    hue_drift: float = 0.0  # per-object hue rotation at constant luma (BT.601), up to this many degrees per frame: grayscale (TV-L1's input) does not see it
+    distractors: int = 2  # small objects moving in random directions, whatever the class
+    distractor_speed: float = 1.5  # their largest speed, pixels per frame at 96x72
 
     def validate(self) -> None:
         _check(self.domain >= 0, f"synth.domain must be >= 0, got {self.domain}")
+        _check(0.0 <= self.colour_jitter <= 1.0, f"synth.colour_jitter must be in [0, 1] (0 = off), got {self.colour_jitter}")
+        _check(0.0 <= self.hue_drift <= 180.0, f"synth.hue_drift must be in [0, 180] degrees per frame (0 = off), got {self.hue_drift}")
+        _check(self.distractors >= 0, f"synth.distractors must be >= 0, got {self.distractors}")
+        _check(self.distractor_speed >= 0, f"synth.distractor_speed must be >= 0 pixels per frame, got {self.distractor_speed}")
         _check(self.videos_per_class >= 2, f"synth.videos_per_class must be >= 2 (one train, one test), got {self.videos_per_class}")
         _check(self.frames >= 2, f"synth.frames must be >= 2, got {self.frames}")
         _check(self.width >= 16 and self.height >= 16, f"synth size must be at least 16x16, got {self.width}x{self.height}")
@@ -183,12 +193,15 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    nesterov: bool = True  # sgd: Nesterov momentum
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2); MAE/VideoMAE/MVD use 0.9, 0.95
     optimizer: str = "adamw"  # adamw | sgd
     warmup_epochs: int = 1
     schedule: str = "cosine"  # cosine: linear warm-up then cosine decay | constant: linear warm-up then constant
     label_smoothing: float = 0.0
-    hflip: bool = False  # off by default: synthetic classes are left/right motions
+    hflip: bool = False  # random horizontal flips (RGB and flow alike: a flip negates the flow's u)
+    hflip_labels: str = "mirror"  # what a flip does to the label: mirror (a class named by a direction, left/right, cw/ccw, becomes its mirror class; data/augment.py mirror_label_map) | keep
+    crop_scale: float = 1.0  # random resized crops back to the clip size: smallest crop area as a fraction; 1 = off
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0
@@ -210,6 +223,9 @@ class TrainConfig:
                f"betas must be two numbers in [0, 1), e.g. 0.9,0.95, got {self.betas!r}")
         _check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1, f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
         _check(self.schedule in ("cosine", "constant"), f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        _check(self.hflip_labels in ("mirror", "keep"), f"hflip_labels must be 'mirror' (a flipped clip of a left/right or cw/ccw class "
+               f"takes its mirror class's label) or 'keep', got {self.hflip_labels!r}")
+        _check(0.0 < self.crop_scale <= 1.0, f"crop_scale must be in (0, 1] (smallest crop area as a fraction of the frame; 1 = no random crops), got {self.crop_scale}")
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
@@ -285,6 +301,8 @@ class DistillConfig:
     pretrained: str = ""  # model.pt of a pre-trained encoder (sd)
     mvd_encoder: str = "runs/mvd/student/model.pt"  # model.pt of the masked-pre-trained ViT that mvd fine-tunes
     experts: str = "runs/experts"  # `vidistill experts` output: experts of several datasets, cached embeddings (jedi)
+    student_videos_per_class: int = 0  # the student's labelled videos per class, a stratified subset of clips' train split (teachers see all); 0 = all
+    student_subset_seed: int = 0  # seed of that subset's draw
     resume: bool = False  # continue from out/checkpoints/last.pt; refused when it was made with other data or settings
     restart_if_stale: bool = False  # with resume: start over instead of refusing a checkpoint that does not match (DVC)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -301,6 +319,8 @@ class DistillConfig:
         student = get_method(self.method).student_name(params, self.student)
         _check(student in list_models(), f"method {self.method!r} trains the student {student!r}, which is not a registered "
                f"model; choose one of: {', '.join(list_models())}")
+        _check(self.student_videos_per_class >= 0, f"distill.student_videos_per_class must be >= 0 (0 = every training "
+               f"video), got {self.student_videos_per_class}")
         self.out = self.out or f"runs/distill/{self.method}"
         self.train.validate()
 

@@ -354,7 +354,8 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
     method = get_method(cfg.method)
     params = method_params(cfg.method, cfg.methods.get(cfg.method))
     train_cfg = method.train_config(params, cfg.train)
-    train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None)
+    train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None,
+                            videos_per_class=cfg.student_videos_per_class, subset_seed=cfg.student_subset_seed)
     files = {n: getattr(cfg, n) for n in method.needed_files(params)}  # only what the method reads reaches it
     ctx = DistillContext(num_classes=train_set.num_classes, classes=train_set.classes, frames=train_set.frames,
                          size=train_set.size, label_smoothing=cfg.train.label_smoothing, **files)
@@ -369,6 +370,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
             "teacher_run_id": teacher_run or "none"}
     fingerprint = _fingerprint(train_set, task.student, cfg.clips, flow=cfg.flow if method.needs_flow else None,
                                files=files, method=cfg.method, method_params=asdict(params),
+                               student_videos=[cfg.student_videos_per_class, cfg.student_subset_seed],
                                **_folder_hashes(files))
     with _training_run(f"distill_{cfg.method}", cfg, tags=tags, track=track, fingerprint=fingerprint) as (run, resume):
         result = _train_and_evaluate(task, task.export_model, train_set=train_set, train_cfg=train_cfg,

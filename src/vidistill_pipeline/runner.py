@@ -17,7 +17,8 @@ from vidistill.config import ConfigError, load_params, set_dotted, validate_pipe
 COMPILED = Path("pipeline.yaml")  # relative to the working directory, beside params.yaml and dvc.yaml
 
 # profile -> dotted overrides of params.yaml. `demo` is `make demo` (within 15 minutes on 2 CPU
-# cores); `tiny` is what the tests run; `large` is for a GPU node pool. None of them names a method:
+# cores); `regime` is `make demo PROFILE=regime`, the setting in which distillation can pay (README,
+# "Benchmark regime"; estimated at about 17 minutes on 2 quiet cores, not 15); `tiny` is what the tests run; `large` is for a GPU node pool. None of them names a method:
 # every profile fans out over params.yaml's `pipeline.methods`.
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -29,6 +30,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         "experts.train.epochs": 1, "distill.methods.jedi.epochs": 2, "distill.methods.jedi.burn_in": 1,
     },
     "demo": {},
+    # the benchmark regime (issue #12; docs/regime-exploration.md): the teachers train on every labelled
+    # training video (34 per class), the students on a stratified 17 per class of them, so the teacher knows
+    # more than the student; the RGB teacher has the student's architecture (the data is what it knows more)
+    "regime": {
+        "prep.synth.videos_per_class": 48, "distill.student_videos_per_class": 17, "teach.model": "r2plus1d_student",
+        "teach.train.epochs": 20, "distill.train.epochs": 30,
+    },
     "large": {
         "prep.synth.videos_per_class": 100, "pipeline.source_prep.synth.videos_per_class": 100,
         "teach.train.epochs": 40, "pretrain.train.epochs": 30, "distill.train.epochs": 40,

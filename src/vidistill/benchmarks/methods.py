@@ -21,6 +21,7 @@ is generated deterministically, so it is the same for every seed.
 from __future__ import annotations
 
 import itertools
+import keyword
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -99,6 +100,8 @@ def sweep_grid(key: str, grid: Mapping[str, Sequence[Any]]) -> list[dict[str, An
     from vidistill.schema import coerce, field_default
 
     defaults = {f.name: field_default(f) for f in fields(get_method(key).Params)}
+    # a Python keyword is spelt with a trailing underscore in Params (PEP 8): sweep.sd.lambda means lambda_
+    grid = {(f"{n}_" if keyword.iskeyword(n) and f"{n}_" in defaults else n): v for n, v in grid.items()}
     names = list(grid)
     for name in names:
         if name not in defaults:
@@ -127,7 +130,7 @@ def method_jobs(methods: Sequence[str], sweep: Mapping[str, Mapping[str, Sequenc
 
 def run_seed(work: Path, paths: dict[str, str], seed: int, *, teacher_epochs: int, student_epochs: int,
              rgb_teacher: str, flow_teacher: str, source_pretext: str,
-             jobs: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+             jobs: list[tuple[str, str, dict[str, Any]]], student_videos_per_class: int = 0) -> list[dict[str, Any]]:
     """Teachers, then every student, for one seed; returns one row per model or ensemble."""
     from vidistill import stages
     from vidistill.distill import get_method
@@ -156,7 +159,8 @@ def run_seed(work: Path, paths: dict[str, str], seed: int, *, teacher_epochs: in
     rows.append(_row(f"source encoder ({'pace prediction' if source_pretext == 'pace' else 'source classes'}, "
                      "its own task on source test clips)", seed, pre))
     ensemble("two-stream: teacher rgb + teacher flow", [rgb["model"], flow["model"]], "two_stream_teachers")
-    base = DistillConfig(clips=paths["target"], flow=paths["flow"], train=s_train, **files)
+    base = DistillConfig(clips=paths["target"], flow=paths["flow"], train=s_train,
+                         student_videos_per_class=student_videos_per_class, **files)
     for i, (label, key, hp) in enumerate(jobs):
         cfg = replace(base, method=key, methods={key: hp} if hp else {}, out=str(run / "distill" / f"{i:02d}_{key}"))
         r = stages.distill(cfg, progress=False, track=False)
@@ -233,6 +237,54 @@ def inference_latency(rgb_stream: str, flow_stream: str, student: str, clips: st
     return {"two_stream_ms": two_ms, "student_ms": stu_ms, "speedup": two_ms / stu_ms}
 
 
+GATE_MARGIN = 0.10  # top-1 a teacher must have over `none` before distilling from it can pay (issue #12)
+
+
+def regime_gates(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The regime's gates from the aggregated rows: can distillation pay in this setting at all?
+
+    * KD family: RGB teacher top-1 >= `none` + 0.10 (the teacher knows more than the student);
+    * D3D: flow teacher (temporal stream) top-1 >= `none` + 0.10;
+    * SD: the fine-tuned pre-trained encoder (`sd` at λ = 0) >= `none` (scratch).
+
+    A gate whose rows were not trained is reported with `passed` None, never dropped.
+
+    Returns:
+        One dict per gate: `gate`, `lhs`/`rhs` (row names), `lhs_top1`, `rhs_top1` (means over seeds),
+        `margin` (required), `slack` (lhs − rhs − margin; >= 0 passes) and `passed`.
+    """
+    top1 = {r["method"]: r["top1"] for r in table}
+
+    def find(pred) -> str | None:
+        return next((m for m in top1 if pred(m)), None)
+
+    none = find(lambda m: m == "none")
+    specs = (("KD family: teacher rgb >= none + 0.10", find(lambda m: m.startswith("teacher rgb")), GATE_MARGIN),
+             ("D3D: flow stream >= none + 0.10", find(lambda m: m.startswith("teacher flow")), GATE_MARGIN),
+             ("SD: fine-tuned >= scratch", find(lambda m: m == "sd (lambda_=0)" or m.startswith("sd (lambda_=0,")), 0.0))
+    out = []
+    for gate, lhs, margin in specs:
+        g: dict[str, Any] = {"gate": gate, "lhs": lhs, "rhs": none, "margin": margin, "passed": None}
+        if lhs is not None and none is not None:
+            slack = top1[lhs] - top1[none] - margin
+            g.update(lhs_top1=top1[lhs], rhs_top1=top1[none], slack=slack, passed=bool(slack >= -1e-12))
+        out.append(g)
+    return out
+
+
+def gates_markdown(gates: list[dict[str, Any]]) -> str:
+    """The gates as a Markdown table (printed before the method rows)."""
+    lines = ["| gate | top-1 | against | slack | verdict |", "|---|---|---|---|---|"]
+    for g in gates:
+        if g["passed"] is None:
+            missing = " and ".join(n for n, v in (("its row", g["lhs"]), ("none", g["rhs"])) if v is None)
+            lines.append(f"| {g['gate']} | – | – | – | not measured ({missing} not trained) |")
+        else:
+            lines.append(f"| {g['gate']} | {g['lhs']}: {g['lhs_top1']:.3f} | {g['rhs']}: {g['rhs_top1']:.3f} | "
+                         f"{g['slack']:+.3f} | {'pass' if g['passed'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
 def _latency_rows(jobs: list[tuple[str, str, dict[str, Any]]]) -> list[tuple[int, str, str]]:
     """(job number, label, key) of the first job of every method that declares `bench_latency`."""
     from vidistill.distill import get_method
@@ -250,7 +302,7 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
                   teacher_epochs: int = 30, student_epochs: int = 30, rgb_teacher: str = "r2plus1d_teacher",
                   flow_teacher: str = "r2plus1d_student", methods: tuple[str, ...] = (),
                   sweep: Mapping[str, Mapping[str, Sequence[Any]]] = MappingProxyType({}),
-                  source_pretext: str = "pace") -> dict[str, Any]:
+                  source_pretext: str = "pace", student_videos_per_class: int = 0) -> dict[str, Any]:
     """The comparison table (mean ± std over `seeds`) plus the inference cost of the `bench_latency` methods.
 
     Args:
@@ -268,6 +320,9 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
             `bench_variants`. From the command line: `--set sweep.d3d.lambda_=1,0.1`.
         source_pretext: how the `pretrained` encoder is pre-trained on the source videos: "pace"
             (self-supervised playback-speed prediction, as SD's RSPNet) or "none" (their class labels).
+        student_videos_per_class: the students' labelled videos per class, a stratified subset of the
+            target's training videos, which the teachers train on in full (`distill.student_videos_per_class`,
+            the benchmark regime: the teacher knows more than the student); 0: students see them all.
 
     Raises:
         ConfigError: an unknown method, hyperparameter or value, or a method whose needs the benchmark
@@ -290,6 +345,8 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
     jobs = method_jobs(list(methods), sweep)
     for _, key, hp in jobs:  # refuse a bad method or hyperparameter before any work
         method_params(key, hp)
+    if student_videos_per_class < 0:
+        raise ConfigError(f"student_videos_per_class must be >= 0 (0 = every training video), got {student_videos_per_class}")
     for modality, model, pretext in (("rgb", rgb_teacher, "none"), ("flow", flow_teacher, "none"), ("rgb", "r2plus1d_student", source_pretext)):
         TeachConfig(modality=modality, model=model, pretext=pretext).validate()
     work.mkdir(parents=True, exist_ok=True)
@@ -298,7 +355,8 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
     rows: list[dict[str, Any]] = []
     for seed in range(seeds):
         rows += run_seed(work, paths, seed, teacher_epochs=teacher_epochs, student_epochs=student_epochs,
-                         rgb_teacher=rgb_teacher, flow_teacher=flow_teacher, source_pretext=source_pretext, jobs=jobs)
+                         rgb_teacher=rgb_teacher, flow_teacher=flow_teacher, source_pretext=source_pretext, jobs=jobs,
+                         student_videos_per_class=student_videos_per_class)
         (work / "rows.json").write_text(json.dumps(rows, indent=2))
     table = aggregate(rows)
     top1 = {r["method"]: r["top1"] for r in table}
@@ -316,10 +374,13 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
     from vidistill.evaluate.report import markdown_table
 
     terms = sorted({k for r in table for k in r if k.startswith("term:") and not k.endswith("_std")})
-    result = {"rows": table, "per_seed": rows, "latency": latency, "seconds": time.perf_counter() - t0,
-              "skipped_methods": skipped, "markdown": markdown_table(table, extra_columns=terms),
+    gates = regime_gates(table)
+    result = {"rows": table, "per_seed": rows, "latency": latency, "seconds": time.perf_counter() - t0, "gates": gates,
+              "skipped_methods": skipped,
+              "markdown": gates_markdown(gates) + "\n\n" + markdown_table(table, extra_columns=terms),
               "settings": {"seeds": seeds, "videos_per_class": videos_per_class, "teacher_epochs": teacher_epochs,
                            "student_epochs": student_epochs, "rgb_teacher": rgb_teacher, "flow_teacher": flow_teacher,
-                           "methods": list(methods), "sweep": sweep, "source_pretext": source_pretext}}
+                           "methods": list(methods), "sweep": sweep, "source_pretext": source_pretext,
+                           "student_videos_per_class": student_videos_per_class}}
     (work / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vidistill.data.augment import mirror_label_map
 from vidistill.errors import ConfigError
 
 FLOW_BOUND = 20.0  # pixels; the flow manifest's "bound" overrides it
@@ -28,24 +29,64 @@ def _read_json(path: Path, what: str) -> Any:
         raise ConfigError(f"{path} is not valid JSON ({e}); {what}") from None
 
 
+def video_subset(index: list[dict[str, Any]], classes: list[str], per_class: int, *, seed: int, where: str = "") -> list[int]:
+    """Positions in `index` of every clip of `per_class` videos per class, drawn without replacement.
+
+    For each class in label order, its distinct video ids (sorted) are permuted by a NumPy generator
+    seeded with `(seed, label)` and the first `per_class` are kept, so a class's draw depends on its own
+    videos only. Clips keep their order in `index`.
+
+    Args:
+        index: a split's clip entries (`label`, `video_id`).
+        classes: class names in label order (for the message).
+        per_class: videos to keep per class, >= 1.
+        seed: seed of the draw.
+        where: names the data in the message.
+
+    Raises:
+        ConfigError: a class with fewer than `per_class` videos (the message names it and the largest
+            value that works).
+    """
+    videos: dict[int, set[int]] = {k: set() for k in range(len(classes))}
+    for e in index:
+        videos[int(e["label"])].add(int(e["video_id"]))
+    fewest = min(len(v) for v in videos.values())
+    if per_class > fewest:
+        short = [f"{classes[k]!r} has {len(v)}" for k, v in videos.items() if len(v) < per_class]
+        raise ConfigError(f"student_videos_per_class = {per_class}, but in {where or 'the split'} "
+                          f"{', '.join(short[:3])}{' ...' if len(short) > 3 else ''} video(s); use at most {fewest}, "
+                          f"or prepare more videos per class")
+    keep: set[int] = set()
+    for k, ids in videos.items():
+        order = np.random.default_rng([seed, k]).permutation(sorted(ids))
+        keep.update(int(v) for v in order[:per_class])
+    return [i for i, e in enumerate(index) if int(e["video_id"]) in keep]
+
+
 class ClipDataset(Dataset):
     """Clips of one split of a prep output.
 
     Items are dicts: `rgb` float32 `(3, T, S, S)` in [0, 1]; `label` int64; `index` (clip index in
     the split); `video_id`; and with `flow_root`, `flow` float32 `(2, T-1, S, S)` in pixels
-    (channel 0 horizontal, 1 vertical).
+    (channel 0 horizontal, 1 vertical). `hflip_label_map[k]` is the label of a mirrored clip of class `k`
+    (`vidistill.data.augment.mirror_label_map`), which the training loop's flips apply.
 
     Args:
         root: the prep output directory (holds `manifest.json`).
         split: `"train"` or `"test"`.
         flow_root: the flow output directory of the same clips (`vidistill flow`), or None.
+        videos_per_class: keep only this many videos of each class (all their clips), drawn without
+            replacement by `subset_seed`, independently per class (stratified); 0 keeps every video.
+            The benchmark regime's student sees such a subset of the labelled pool its teacher trains on.
+        subset_seed: seed of that draw (the same seed and data give the same videos on every machine).
 
     Raises:
-        ConfigError: a missing or unreadable prep/flow output, an unknown split, or flow computed for
-            other clips.
+        ConfigError: a missing or unreadable prep/flow output, an unknown split, flow computed for
+            other clips, or a class with fewer than `videos_per_class` videos in the split.
     """
 
-    def __init__(self, root: str | Path, split: str, *, flow_root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path, split: str, *, flow_root: str | Path | None = None, videos_per_class: int = 0,
+                 subset_seed: int = 0) -> None:
         self.root = Path(root)
         self.split = split
         self.manifest: dict[str, Any] = _read_json(self.root / "manifest.json", "run `vidistill prep` first")
@@ -58,6 +99,10 @@ class ClipDataset(Dataset):
         self.num_classes = len(self.classes)
         self.frames: int = int(self.manifest["frames"])
         self.size: int = int(self.manifest["size"])
+        self.hflip_label_map = mirror_label_map(self.classes)  # the class a mirrored clip shows (training flips)
+        if videos_per_class:
+            self.index = [self.index[i] for i in video_subset(self.index, self.classes, videos_per_class, seed=subset_seed,
+                                                              where=f"{self.root} ({split} split)")]
         self.labels = np.array([e["label"] for e in self.index], dtype=np.int64)  # (N,)
         self.video_ids = np.array([e["video_id"] for e in self.index], dtype=np.int64)  # (N,)
         shards = sorted({e["shard"] for e in self.index})

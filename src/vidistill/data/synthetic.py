@@ -1,7 +1,7 @@
 """Synthetic motion dataset: classes that differ only by how things move.
 
 Every video shows `N_OBJECTS` textured objects that move with the class motion and
-`N_DISTRACTORS` smaller ones that drift in random directions, over a textured background that
+`SynthConfig.distractors` (default 2) smaller ones that drift in random directions, over a textured background that
 slowly translates. Everything a single frame shows is drawn from the same distribution in every
 class of a domain: object positions are uniform on the frame (objects move on a torus, wrapping
 at the borders), angles are uniform, and each object's size and opacity are one function of a
@@ -22,6 +22,13 @@ background), giving several datasets for multi-dataset methods: 0 = 8 classes (f
 two rotation senses, expand/shrink), 1 = 6 classes (speed, oscillation axis, orbit sense),
 2 = 6 classes (four diagonals, spin, pulse); domain k >= 3 picks 6 motions and a look at random
 from seed k.
+
+Appearance nuisance (`SynthConfig`, all off by default): `colour_jitter` recolours each video as a
+whole (hue, saturation, channel order), `mixed_looks` draws every object's palette, texture and shape
+and the background from the looks of domains 0-2, and `hue_drift` rotates each object's hue over time
+at constant luma, a change in RGB that the grayscale input of TV-L1 does not contain (`iso_luma_rotation`).
+`distractors` and `distractor_speed` set the motion clutter. They draw from a random stream of their
+own, so with all of them at their defaults a video is the bytes generator version 1 wrote.
 
 Output: `out/<class>/<class>_NNN.mp4` (codec `cfg.codec`, yuv420p) and `out/synth.json` holding
 the parameters; `generate` does nothing when `synth.json` matches. Generation is deterministic
@@ -46,9 +53,9 @@ import numpy as np
 from vidistill.config import ConfigError, SynthConfig
 from vidistill.data.parallel import executor, ordered_map, progress_bar
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2 adds the appearance options; with all of them at their defaults it writes version 1's bytes
 N_OBJECTS = 4
-N_DISTRACTORS = 2
+NUISANCE_DEFAULTS = {"colour_jitter": 0.0, "mixed_looks": False, "hue_drift": 0.0, "distractors": 2, "distractor_speed": 1.5}
 
 # ----------------------------------------------------------------------------------------------
 # motions: (rng, t (T,), size (W, H)) -> centre offset (T, 2), angle offset (T,), phase offset (T,)
@@ -235,6 +242,51 @@ def _background(rng: np.random.Generator, look: Look, t: np.ndarray, yy: np.ndar
     return img.reshape(len(t), *yy.shape, 3) + base.astype(np.float32)
 
 
+# BT.601 full-range RGB -> (Y', Cb, Cr) without offsets; its first row is the luma cv2.COLOR_RGB2GRAY computes
+_YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_YCC_INV = np.linalg.inv(_YCC)
+
+
+def iso_luma_rotation(theta: float, saturation: float = 1.0) -> np.ndarray:
+    """`(3, 3)` matrix `M` acting on RGB column vectors: the chroma `(Cb, Cr)` rotated by `theta` radians
+    (a hue rotation) and scaled by `saturation`, the luma `Y' = 0.299 R + 0.587 G + 0.114 B` kept exactly."""
+    c, s = np.cos(theta), np.sin(theta)
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    rot[1:, 1:] *= saturation
+    return _YCC_INV @ rot @ _YCC
+
+
+def _rotation_safe(colours: np.ndarray) -> np.ndarray:
+    """Shrink the chroma of RGB colours `(n, 3)` in [0, 1] so that every hue rotation stays inside [0, 1].
+
+    The rotated chroma sweeps a circle of radius rho, so channel j reaches `Y' ± rho·|row j of
+    _YCC_INV[:, 1:]|`; rho is capped where the first channel would leave the cube. Luma is unchanged.
+    """
+    ycc = colours.astype(np.float64) @ _YCC.T  # (n, 3)
+    reach = np.linalg.norm(_YCC_INV[:, 1:], axis=1)  # (3,)
+    y = ycc[:, :1]
+    rho_max = np.min(np.minimum(y, 1.0 - y) / reach, axis=1)  # (n,)
+    rho = np.linalg.norm(ycc[:, 1:], axis=1)
+    ycc[:, 1:] *= np.minimum(1.0, rho_max / np.maximum(rho, 1e-12))[:, None]
+    return (ycc @ _YCC_INV.T).astype(np.float32)
+
+
+def _colour_transform(rng: np.random.Generator, frames: np.ndarray, strength: float) -> np.ndarray:
+    """A per-video colour transform of `frames` `(T, H, W, 3)` in [0, 1], constant in time: hue rotated by
+    up to ±180°·strength, saturation scaled by [1 - 0.7·strength, 1 + 0.5·strength], the channels put in a
+    random order with probability `strength`."""
+    theta = rng.uniform(-np.pi, np.pi) * strength
+    sat = rng.uniform(1.0 - 0.7 * strength, 1.0 + 0.5 * strength)
+    perm = rng.permutation(3) if rng.uniform() < strength else np.arange(3)
+    m = iso_luma_rotation(theta, sat)[perm].astype(np.float32)  # rows permuted: output channel order
+    return np.clip(frames @ m.T, 0.0, 1.0)
+
+
+def _mixed_look(rng: np.random.Generator) -> Look:
+    """One of the base domains' looks (0-2), at random."""
+    return DOMAINS[int(rng.integers(len(DOMAINS)))][1]
+
+
 def _superellipse(u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
     """`(|u|^p + |v|^p)^(1/p)`: 1 on the outline of the shape (fast paths for the common exponents)."""
     if p == 1.0:
@@ -245,13 +297,17 @@ def _superellipse(u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
 
 
 def _draw_object(frames: np.ndarray, rng: np.random.Generator, look: Look, centre: np.ndarray, angle: np.ndarray,
-                 phase: np.ndarray, radius_scale: float) -> None:
+                 phase: np.ndarray, radius_scale: float, hue_rate: float = 0.0) -> None:
     """Alpha-blend one textured superellipse into `frames` `(T, H, W, 3)` (in place), wrapping at borders.
 
-    Only a `(T, P, P)` patch around the object is computed (P = 2 * max radius + 3).
+    Only a `(T, P, P)` patch around the object is computed (P = 2 * max radius + 3). With `hue_rate`
+    (radians per frame) the object's colours rotate in hue at constant luma over time; they are first
+    made rotation-safe, so no rotation leaves the RGB cube and the luma stays exact.
     """
     T, H, W, _ = frames.shape
     c1, c2 = _colours(rng, 2, look.saturation, look.value)
+    if hue_rate:
+        c1, c2 = _rotation_safe(np.stack([c1, c2]))
     p = float(rng.choice(look.shapes))
     freq = rng.uniform(*look.tex_freq)
     beta = rng.uniform(0, np.pi)
@@ -275,6 +331,9 @@ def _draw_object(frames: np.ndarray, rng: np.random.Generator, look: Look, centr
     else:
         tex = 0.5 * s1 + 0.5 * np.cos(np.float32(2 * np.pi * freq) * u)
     colour = c1 + (c2 - c1) * (0.5 + 0.5 * tex)[..., None]  # (T, P, P, 3)
+    if hue_rate:  # a linear map per frame: blends of rotation-safe colours stay in the cube
+        rot = np.stack([iso_luma_rotation(hue_rate * k) for k in range(T)]).astype(np.float32)  # (T, 3, 3)
+        colour = np.einsum("tij,tpqj->tpqi", rot, colour)
     at = (np.arange(T)[:, None, None], ys[:, :, None], xs[:, None, :])
     patch = frames[at]
     frames[at] = patch + mask[..., None] * (colour - patch)
@@ -285,17 +344,20 @@ def render_video(cfg: SynthConfig, class_index: int, video_index: int) -> np.nda
     names, look = domain_spec(cfg.domain)
     motion = MOTIONS[names[class_index]]
     rng = np.random.default_rng([cfg.seed, cfg.domain, class_index, video_index])
+    nuisance = np.random.default_rng([cfg.seed, cfg.domain, class_index, video_index, 1])  # the appearance options' own stream
     t = np.arange(cfg.frames, dtype=np.float64)
     yy, xx = np.mgrid[0:cfg.height, 0:cfg.width].astype(np.float32)
-    frames = _background(rng, look, t, yy, xx)
+    frames = _background(rng, _mixed_look(nuisance) if cfg.mixed_looks else look, t, yy, xx)
+    if cfg.hue_drift:
+        np.clip(frames, 0.0, 1.0, out=frames)  # blends of in-gamut colours: the final clip cannot change luma
     scale = cfg.height / 72.0  # motions are defined at 96x72; scale them with the frame
-    objects = [(motion, 1.0)] * N_OBJECTS + [(_translate(None, 0.0), 0.45)] * N_DISTRACTORS
+    objects = [(motion, 1.0)] * N_OBJECTS + [(_translate(None, 0.0), 0.45)] * cfg.distractors
     order = rng.permutation(len(objects))  # draw order (who occludes whom) does not depend on the role
     for k in order:
         move, radius_scale = objects[k]
         start = rng.uniform(0, 1, 2) * (cfg.width, cfg.height)
         if radius_scale < 1.0:  # distractor: random direction and speed, random rotation
-            move = _translate(None, rng.uniform(0.0, 1.5))
+            move = _translate(None, rng.uniform(0.0, cfg.distractor_speed))
             spin = rng.uniform(-0.1, 0.1) * t
         else:
             spin = np.zeros_like(t)
@@ -303,8 +365,15 @@ def render_video(cfg: SynthConfig, class_index: int, video_index: int) -> np.nda
         centre = start + offset * scale
         angle = rng.uniform(0, 2 * np.pi) + turn + spin
         phase = rng.uniform(0, 1) + dphase
-        _draw_object(frames, rng, look, centre, angle, phase, radius_scale)
-    return (np.clip(frames, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+        obj_look = _mixed_look(nuisance) if cfg.mixed_looks else look
+        hue_rate = 0.0
+        if cfg.hue_drift:  # degrees per frame, in ±[hue_drift / 3, hue_drift]
+            hue_rate = float(np.deg2rad(cfg.hue_drift) * nuisance.choice([-1.0, 1.0]) * nuisance.uniform(1 / 3, 1.0))
+        _draw_object(frames, rng, obj_look, centre, angle, phase, radius_scale, hue_rate)
+    frames = np.clip(frames, 0.0, 1.0)
+    if cfg.colour_jitter:
+        frames = _colour_transform(nuisance, frames, cfg.colour_jitter)
+    return (frames * 255 + 0.5).astype(np.uint8)
 
 
 def encode_video(path: str | Path, frames: np.ndarray, *, fps: int, codec: str) -> None:
@@ -324,8 +393,12 @@ def encode_video(path: str | Path, frames: np.ndarray, *, fps: int, codec: str) 
 
 
 def _params(cfg: SynthConfig) -> dict:
+    """What `synth.json` records: version 1's keys while every appearance option is at its default (the
+    videos are version 1's bytes, so version 1 datasets stay up to date), else version 2 and all keys."""
     p = dataclasses.asdict(cfg)
     p.pop("out")
+    if all(p[k] == v for k, v in NUISANCE_DEFAULTS.items()):
+        return {"generator": 1, **{k: v for k, v in p.items() if k not in NUISANCE_DEFAULTS}}
     return {"generator": GENERATOR_VERSION, **p}
 
 

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vidistill.data.augment import augment_batch
 from vidistill.errors import ResumeMismatchError, TrainingDivergedError
 from vidistill.outputs import atomic_write_text
 from vidistill.train.checkpoint import CHECKPOINT, atomic_save, load_checkpoint, setting_differences
@@ -344,7 +345,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.o
     no_decay = [p for p in params if p.ndim <= 1]  # norms and biases
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
@@ -576,8 +577,8 @@ def fit(
                 correct = labelled = seen = 0
                 bar_task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="")
                 for step, batch in enumerate(loader, 1):
-                    if cfg.hflip:
-                        batch = hflip_batch(batch, flip_gen)
+                    batch = augment_batch(batch, flip_gen, hflip=cfg.hflip, crop_scale=cfg.crop_scale,
+                                          label_map=getattr(dataset, "hflip_label_map", None) if cfg.hflip_labels == "mirror" else None)
                     batch = to_device(batch, device)
                     result = model(batch)
                     loss = result["loss"]
