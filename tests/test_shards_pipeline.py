@@ -11,19 +11,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _find_output(run_dir: Path, task: str, name: str) -> Path:
+    """An output artifact of a task in a kfp.local run directory (`<run>/<task>/<name>`)."""
+    hits = sorted(run_dir.glob(f"**/{task}*/{name}"))
+    assert hits, f"no output {name!r} of task {task!r} under {run_dir}"
+    return hits[-1]
+
+
 def test_set_flag_reaches_the_pipeline_arguments(tmp_path):
     from vidistill.config import ConfigError
-    from vidistill_pipeline.cli import _overrides
     from vidistill_pipeline.dag import pipeline_arguments
-    from vidistill_pipeline.runner import resolve_params
+    from vidistill_pipeline.runner import parse_sets, resolve_params
 
-    overrides = _overrides(["pipeline.shards=2", "prep.frames=4"])
+    overrides = parse_sets(["pipeline.shards=2", "prep.frames=4"])
     assert overrides == {"pipeline.shards": 2, "prep.frames": 4}
     params = resolve_params(ROOT / "params.yaml", profile="tiny", workdir=tmp_path, overrides=overrides)
     args = pipeline_arguments(params)
     assert args["shards"] == 2 and args["prep_params"]["frames"] == 4
-    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
-        _overrides(["pipeline.shards"])
+    with pytest.raises(ConfigError, match="pipeline.shards must be an integer >= 1"):
+        resolve_params(ROOT / "params.yaml", profile="tiny", workdir=tmp_path, overrides=parse_sets(["pipeline.shards=0"]))
 
 
 @pytest.mark.slow
@@ -35,7 +41,6 @@ def test_shards_1_and_2_give_the_same_clips_and_flow(tmp_path, monkeypatch):
     from vidistill.flow.shards import content_hash
     from vidistill.schema import from_dict
     from vidistill_pipeline.dag import sharded_prep_flow
-    from vidistill_pipeline.demo import find_output
     from vidistill_pipeline.runner import local_tracking, resolve_params
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -54,8 +59,8 @@ def test_shards_1_and_2_give_the_same_clips_and_flow(tmp_path, monkeypatch):
                        enable_caching=False)
             sharded(prep_params=params["prep"], flow_params=params["flow"], code_version="test", shards=shards)
             (run,) = [p for p in root.iterdir() if p.is_dir()]
-            clips = find_output(run, "merge-prep-op", "clips")
-            flow = find_output(run, "merge-flow-op", "flow")
+            clips = _find_output(run, "merge-prep-op", "clips")
+            flow = _find_output(run, "merge-flow-op", "flow")
             parts = sorted(run.glob("**/prep-shard-op*/part"))
             assert len(parts) == shards, parts
             results[shards] = (json.loads((clips / "manifest.json").read_text())["hash"], content_hash(flow))
