@@ -21,7 +21,7 @@ def champion(model_name: str) -> dict[str, Any] | None:
         mv = client().get_model_version_by_alias(model_name, "champion")
     except MlflowException:
         return None
-    return {"version": mv.version, "tags": dict(mv.tags), "source": mv.source}
+    return {"version": int(mv.version), "tags": dict(mv.tags), "source": mv.source}  # a str over REST, an int from sqlite
 
 
 def _task(tasks: list[Any], label: str) -> Any:
