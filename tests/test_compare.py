@@ -45,7 +45,10 @@ def test_a_bad_setting_is_refused_before_any_work(tmp_path):
                             ({"sweep": {"d3d": {"lambda_": ["one"]}}}, "sweep.d3d.lambda_ must be a float"),
                             ({"methods": ("none",), "sweep": {"kd": {"tau": ["2"]}}}, "does not train"),
                             ({"methods": ("d4d",)}, "unknown distillation method 'd4d'"),
-                            ({"source_pretext": "jigsaw"}, "teach.pretext must be")):
+                            ({"source_pretext": "jigsaw"}, "teach.pretext must be"),
+                            ({"crop_scale": 0.0}, "crop_scale"),
+                            ({"videos_per_class": 6, "student_videos_per_class": 5},
+                             "student_videos_per_class=5 is more than the 4 training videos per class")):
         with pytest.raises(ConfigError, match=message):
             bench_methods(work=work, **kwargs)
     assert not work.exists()
@@ -53,8 +56,8 @@ def test_a_bad_setting_is_refused_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_bench_methods_at_toy_scale(tmp_path):
-    result = bench_methods(work=tmp_path, seeds=2, videos_per_class=3, teacher_epochs=1, student_epochs=1,
-                           rgb_teacher="r2plus1d_student", methods=("none", "d3d", "sd", "toy"),
+    result = bench_methods(work=tmp_path, seeds=2, videos_per_class=3, student_videos_per_class=1, teacher_epochs=1,
+                           student_epochs=1, methods=("none", "d3d", "sd", "toy"),
                            sweep={"d3d": {"lambda_": ["1"]}, "sd": {"lambda_": ["0", "1"]}, "toy": {"beta": ["0", "1"]}})
     labels = [r["method"] for r in result["rows"]]
     assert labels == ["teacher rgb (r2plus1d_student)", "teacher flow (r2plus1d_student on TV-L1)",
@@ -79,4 +82,5 @@ def test_bench_methods_at_toy_scale(tmp_path):
     md = result["markdown"].splitlines()
     assert md[0].startswith("| gate |") and len(result["gates"]) == 3  # the regime's gates come first
     assert "| d3d (lambda_=1) |" in result["markdown"] and " match |" in next(line for line in md if line.startswith("| method"))
-    assert json.loads((tmp_path / "result.json").read_text())["settings"]["videos_per_class"] == 3
+    settings = json.loads((tmp_path / "result.json").read_text())["settings"]
+    assert settings["videos_per_class"] == 3 and settings["hflip"] is True and settings["student_videos_per_class"] == 1

@@ -89,6 +89,20 @@ def test_stage_resumes_and_redoes_only_missing_shards(cfg: FlowConfig) -> None:
     assert stage.run_flow(cfg, progress=False)["skipped_shards"] == 0
 
 
+def test_worker_processes_give_the_same_flow_bytes(cfg: FlowConfig, tmp_path: Path) -> None:
+    """The torch backend on CPU spreads groups of clips over `workers` processes (one thread each): the
+    flow files are byte-identical to one process's."""
+    cfg.batch_size = T - 1  # one clip per group: 4 groups, enough for the pool
+    pooled = stage.run_flow(cfg, progress=False)
+    single = stage.run_flow(dataclasses.replace(cfg, workers=1, out=str(tmp_path / "single")), progress=False)
+    assert (pooled["processes"], single["processes"]) == (2, 1)
+    for split, sizes in SHARDS.items():
+        for number in range(len(sizes)):
+            name = f"{split}/flow-{number:05d}.npy"
+            np.testing.assert_array_equal(np.load(Path(cfg.out) / name), np.load(tmp_path / "single" / name))
+    assert (Path(cfg.out) / "manifest.json").read_bytes() == (tmp_path / "single" / "manifest.json").read_bytes()
+
+
 def test_failed_clip_is_zeroed_and_reported(cfg: FlowConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault injection: the real tvl1 raises for any batch holding the texture of global clip 1."""
     marker = cv2.cvtColor(np.ascontiguousarray(_clip(*_motion(1), seed=1)[0]), cv2.COLOR_RGB2GRAY)
@@ -100,6 +114,7 @@ def test_failed_clip_is_zeroed_and_reported(cfg: FlowConfig, monkeypatch: pytest
         return real(f0, f1, **kwargs)
 
     monkeypatch.setattr(stage, "tvl1", tvl1_failing_on_clip1)
+    cfg.workers = 1  # in this process, where the patch is
     summary = stage.run_flow(cfg, progress=False)
     assert summary["failed"] == 1
     manifest = json.loads((Path(cfg.out) / "manifest.json").read_text())

@@ -90,15 +90,18 @@ def test_gates_pass_fail_and_missing_rows_are_reported():
     assert regime_gates(table)[2]["passed"] is True  # fine-tuned >= scratch: equal passes
 
 
-def test_the_regime_profile_resolves_to_a_valid_distill_config():
+def test_the_demo_runs_the_regime_and_tiny_keeps_a_subset():
     from vidistill.config import from_dict
     from vidistill_pipeline import cli, runner
 
     assert set(cli.PROFILES) == set(runner.PROFILES)
-    params = runner.resolve_params("params.yaml", profile="regime")
-    assert params["distill"]["student_videos_per_class"] == 17
-    assert params["prep"]["synth"]["videos_per_class"] * (1 - params["prep"]["test_fraction"]) >= 17  # teachers see more
+    params = runner.resolve_params("params.yaml", profile="demo")
+    k = params["distill"]["student_videos_per_class"]
+    assert k == 10
+    train_per_class = params["prep"]["synth"]["videos_per_class"] * (1 - params["prep"]["test_fraction"])
+    assert train_per_class >= 2 * k  # the teachers see more labelled videos than the students
     cfg = from_dict(DistillConfig, params["distill"], where="distill.")
     cfg.validate()
-    assert cfg.student_videos_per_class == 17 and cfg.train.epochs == 30
-    assert runner.resolve_params("params.yaml", profile="demo")["distill"].get("student_videos_per_class", 0) == 0
+    assert cfg.train.hflip and cfg.train.crop_scale < 1 and params["teach"]["train"]["hflip"]
+    tiny = runner.resolve_params("params.yaml", profile="tiny")
+    assert 0 < tiny["distill"]["student_videos_per_class"] < tiny["prep"]["synth"]["videos_per_class"]

@@ -170,7 +170,7 @@ class FlowConfig:
     device: str = "auto"  # auto | cpu | cuda[:N] (torch backend)
     batch_size: int = 64  # frame pairs per TV-L1 call (bounds memory)
     bound: float = 20.0  # uint8 storage clips flow to [-bound, bound] pixels
-    workers: int = 2  # opencv backend processes / torch CPU threads
+    workers: int = 2  # processes: the opencv backend's, and the torch backend's on CPU (one thread each)
     tvl1: TVL1Params = field(default_factory=TVL1Params)  # OpenCV DualTVL1 names and defaults, checked on creation
     tvl1_compile: str = "off"  # torch backend: off (eager) | on (torch.compile) | graphs (+ CUDA graphs) | auto (compiled on CUDA with Triton)
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-PROFILES = ("tiny", "demo", "regime", "large")  # keys of runner.PROFILES (checked by tests/test_pipeline.py)
+PROFILES = ("tiny", "demo", "large")  # keys of runner.PROFILES (checked by tests/test_pipeline.py)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -176,7 +176,9 @@ def distill_op(params: dict, code_version: str, method: str, clips: Input[Datase
     from pathlib import Path
 
     from vidistill import stages
+    from vidistill_pipeline.runner import apply_fanout_threads
 
+    apply_fanout_threads()  # a local run: the students share this machine's cores
     result = stages.run("distill", params, method=method, clips=clips.path, flow=flow.path, out=student.path,
                         teacher_rgb=str(Path(teacher_rgb.path) / "model.pt"),
                         teacher_flow=str(Path(teacher_flow.path) / "model.pt"),

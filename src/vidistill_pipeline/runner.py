@@ -16,30 +16,25 @@ from vidistill.config import ConfigError, load_params, set_dotted, validate_pipe
 
 COMPILED = Path("pipeline.yaml")  # relative to the working directory, beside params.yaml and dvc.yaml
 
-# profile -> dotted overrides of params.yaml. `demo` is `make demo` (within 15 minutes on 2 CPU
-# cores); `regime` is `make demo PROFILE=regime`, the setting in which distillation can pay (README,
-# "Benchmark regime"; estimated at about 17 minutes on 2 quiet cores, not 15); `tiny` is what the tests run; `large` is for a GPU node pool. None of them names a method:
-# every profile fans out over params.yaml's `pipeline.methods`.
+# profile -> dotted overrides of params.yaml. `demo` is `make demo`: params.yaml as it is, the benchmark
+# regime (README, "Benchmark regime": the teachers see 28 labelled videos per class, the students 10 of
+# them, every network with flips and crops), within 15 minutes on 2 CPU cores; `tiny` is what the tests
+# run; `large` is for a GPU node pool. None of them names a method: every profile fans out over
+# params.yaml's `pipeline.methods`.
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "prep.synth.videos_per_class": 4, "prep.frames": 4, "prep.synth.frames": 12, "pipeline.source_prep.synth.videos_per_class": 4,
         "pipeline.source_prep.frames": 10, "pipeline.source_prep.synth.frames": 12, "pretrain.pretext_frames": 4,
         "flow.tvl1.nscales": 2, "flow.tvl1.warps": 2, "flow.tvl1.outer_iterations": 2, "flow.tvl1.inner_iterations": 5,
-        "teach.model": "r2plus1d_student", "teach.train.epochs": 1, "pretrain.train.epochs": 1, "distill.train.epochs": 1,
+        "teach.train.epochs": 1, "pretrain.train.epochs": 1, "distill.train.epochs": 1, "distill.student_videos_per_class": 2,
         # multi-dataset methods: the experts, and JEDI's own schedule (500 epochs by default, not distill.train's)
         "experts.train.epochs": 1, "distill.methods.jedi.epochs": 2, "distill.methods.jedi.burn_in": 1,
     },
     "demo": {},
-    # the benchmark regime (issue #12; docs/regime-exploration.md): the teachers train on every labelled
-    # training video (34 per class), the students on a stratified 17 per class of them, so the teacher knows
-    # more than the student; the RGB teacher has the student's architecture (the data is what it knows more)
-    "regime": {
-        "prep.synth.videos_per_class": 48, "distill.student_videos_per_class": 17, "teach.model": "r2plus1d_student",
-        "teach.train.epochs": 20, "distill.train.epochs": 30,
-    },
     "large": {
         "prep.synth.videos_per_class": 100, "pipeline.source_prep.synth.videos_per_class": 100,
-        "teach.train.epochs": 40, "pretrain.train.epochs": 30, "distill.train.epochs": 40,
+        "distill.student_videos_per_class": 25, "teach.model": "r2plus1d_teacher",
+        "teach.train.epochs": 40, "pretrain.train.epochs": 30, "distill.train.epochs": 60,
     },
 }
 
@@ -216,6 +211,42 @@ def task_summary(label: str, outputs: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+FANOUT_THREADS_ENV = "VIDISTILL_FANOUT_THREADS"  # torch threads of each task of the methods' fan-out, in a local run
+
+
+def local_parallelism() -> int:
+    """How many iterations of a `dsl.ParallelFor` kfp.local runs at once (its `ParallelExecutor`'s cap, 2 in
+    kfp 2.17; 2 if that internal class moves)."""
+    try:
+        from kfp.local.orchestrator.enhanced_dag_orchestrator import ParallelExecutor
+
+        return max(1, int(ParallelExecutor().max_workers))
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return 2
+
+
+def fanout_threads(items: int, cores: int | None = None) -> int:
+    """torch threads for each of `items` fan-out tasks that kfp.local runs side by side on this machine.
+
+    Each task is its own process, and torch gives every process a thread per core: two students at two
+    threads each on 2 cores ran 7x slower than at one thread each (145 s against 20 s for the same two
+    12-epoch runs, README "Measured numbers"), OpenMP threads spinning against each other. So the cores
+    are shared out: `cores // min(items, local_parallelism())`, at least 1.
+    """
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, min(items, local_parallelism())))
+
+
+def apply_fanout_threads() -> None:
+    """In a fan-out task: take the thread count the local run set (`VIDISTILL_FANOUT_THREADS`); nothing
+    on a cluster, where each pod has its own cores."""
+    value = os.environ.get(FANOUT_THREADS_ENV, "")
+    if value.isdigit() and int(value) >= 1:
+        import torch
+
+        torch.set_num_threads(int(value))
+
+
 def run_local(params: dict[str, Any], *, workdir: str | Path = ".", cache: bool = True, console: Any = None) -> dict[str, Any]:
     """Run the whole pipeline on this machine with `kfp.local.SubprocessRunner` (the `make demo` job).
 
@@ -250,13 +281,20 @@ def run_local(params: dict[str, Any], *, workdir: str | Path = ".", cache: bool 
     version = code_version()
     pipeline = build_pipeline(params)
     t0 = time.perf_counter()
-    with TaskConsole(pipeline_root, console=console, summarise=task_summary) as tasks:
-        try:
-            pipeline(**pipeline_arguments(params, code_version=version))
-        except RuntimeError:
-            if tasks.failed:
-                raise PipelineFailed(tasks.failed) from None
-            raise
+    previous = os.environ.get(FANOUT_THREADS_ENV)
+    if previous is None:  # the tasks inherit this process's environment
+        os.environ[FANOUT_THREADS_ENV] = str(fanout_threads(len(params["pipeline"]["methods"])))
+    try:
+        with TaskConsole(pipeline_root, console=console, summarise=task_summary) as tasks:
+            try:
+                pipeline(**pipeline_arguments(params, code_version=version))
+            except RuntimeError:
+                if tasks.failed:
+                    raise PipelineFailed(tasks.failed) from None
+                raise
+    finally:
+        if previous is None:
+            os.environ.pop(FANOUT_THREADS_ENV, None)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "pipeline_root": pipeline_root, "run_dir": tasks.run_dir, "log_dir": tasks.log_dir,
             "tasks": tasks.tasks, "params": params, "code_version": version}

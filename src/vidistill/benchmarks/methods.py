@@ -130,19 +130,27 @@ def method_jobs(methods: Sequence[str], sweep: Mapping[str, Mapping[str, Sequenc
 
 def run_seed(work: Path, paths: dict[str, str], seed: int, *, teacher_epochs: int, student_epochs: int,
              rgb_teacher: str, flow_teacher: str, source_pretext: str,
-             jobs: list[tuple[str, str, dict[str, Any]]], student_videos_per_class: int = 0) -> list[dict[str, Any]]:
-    """Teachers, then every student, for one seed; returns one row per model or ensemble."""
+             jobs: list[tuple[str, str, dict[str, Any]]], student_videos_per_class: int = 0,
+             hflip: bool = False, crop_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Teachers, then every student, for one seed; returns one row per model or ensemble.
+
+    The seed sets the training seed of every network and the draw of the students' video subset
+    (`student_subset_seed`), so the spread over seeds covers which videos a student is labelled with.
+    The training views (`hflip`, `crop_scale`) apply to the teachers and the students alike; the source
+    encoder's pretext pre-training takes none."""
     from vidistill import stages
     from vidistill.distill import get_method
 
     run = work / f"seed{seed}"
-    t_train = TrainConfig(epochs=teacher_epochs, seed=seed)
-    s_train = TrainConfig(epochs=student_epochs, seed=seed)
+    views = {"hflip": hflip, "crop_scale": crop_scale}
+    t_train = TrainConfig(epochs=teacher_epochs, seed=seed, **views)
+    s_train = TrainConfig(epochs=student_epochs, seed=seed, **views)
+    pre_train = TrainConfig(epochs=teacher_epochs, seed=seed)
     rows: list[dict[str, Any]] = []
 
     def teacher(modality: str, clips: str, model: str, out: str, pretext: str = "none") -> dict[str, Any]:
         cfg = TeachConfig(clips=clips, flow=paths["flow"], out=str(run / out), modality=modality, model=model,
-                          pretext=pretext, train=t_train)
+                          pretext=pretext, train=t_train if pretext == "none" else pre_train)
         return stages.teach(cfg, progress=False, track=False)
 
     def ensemble(label: str, models: list[str], out: str) -> None:
@@ -160,7 +168,7 @@ def run_seed(work: Path, paths: dict[str, str], seed: int, *, teacher_epochs: in
                      "its own task on source test clips)", seed, pre))
     ensemble("two-stream: teacher rgb + teacher flow", [rgb["model"], flow["model"]], "two_stream_teachers")
     base = DistillConfig(clips=paths["target"], flow=paths["flow"], train=s_train,
-                         student_videos_per_class=student_videos_per_class, **files)
+                         student_videos_per_class=student_videos_per_class, student_subset_seed=seed, **files)
     for i, (label, key, hp) in enumerate(jobs):
         cfg = replace(base, method=key, methods={key: hp} if hp else {}, out=str(run / "distill" / f"{i:02d}_{key}"))
         r = stages.distill(cfg, progress=False, track=False)
@@ -298,12 +306,20 @@ def _latency_rows(jobs: list[tuple[str, str, dict[str, Any]]]) -> list[tuple[int
     return out
 
 
-def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3, videos_per_class: int = 96,
-                  teacher_epochs: int = 30, student_epochs: int = 30, rgb_teacher: str = "r2plus1d_teacher",
+def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3, videos_per_class: int = 40,
+                  teacher_epochs: int = 30, student_epochs: int = 60, rgb_teacher: str = "r2plus1d_student",
                   flow_teacher: str = "r2plus1d_student", methods: tuple[str, ...] = (),
                   sweep: Mapping[str, Mapping[str, Sequence[Any]]] = MappingProxyType({}),
-                  source_pretext: str = "pace", student_videos_per_class: int = 0) -> dict[str, Any]:
+                  source_pretext: str = "pace", student_videos_per_class: int = 10, hflip: bool = True,
+                  crop_scale: float = 0.5) -> dict[str, Any]:
     """The comparison table (mean ± std over `seeds`) plus the inference cost of the `bench_latency` methods.
+
+    The defaults are the benchmark regime of issue #12, the setting `make demo` runs (params.yaml): 40
+    videos per class prepared (28 training videos per class for the teachers, 12 test), the students
+    labelled with 10 of them per class, teachers of the student's size (what the RGB teacher knows more
+    is data), flips with mirrored labels and random resized crops for every network. The earlier
+    settings are `--set videos_per_class=96 --set student_videos_per_class=0 --set hflip=false
+    --set crop_scale=1 --set rgb_teacher=r2plus1d_teacher --set student_epochs=30` (README).
 
     Args:
         work: where data, models and `result.json` go (data is reused across calls).
@@ -323,6 +339,11 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
         student_videos_per_class: the students' labelled videos per class, a stratified subset of the
             target's training videos, which the teachers train on in full (`distill.student_videos_per_class`,
             the benchmark regime: the teacher knows more than the student); 0: students see them all.
+            Drawn per seed (`student_subset_seed` = the seed).
+        hflip: random horizontal flips (mirrored labels for direction classes) for teachers and students
+            (`TrainConfig.hflip`).
+        crop_scale: random resized crops with at least this fraction of the area (`TrainConfig.crop_scale`;
+            1 = off).
 
     Raises:
         ConfigError: an unknown method, hyperparameter or value, or a method whose needs the benchmark
@@ -349,6 +370,13 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
         raise ConfigError(f"student_videos_per_class must be >= 0 (0 = every training video), got {student_videos_per_class}")
     for modality, model, pretext in (("rgb", rgb_teacher, "none"), ("flow", flow_teacher, "none"), ("rgb", "r2plus1d_student", source_pretext)):
         TeachConfig(modality=modality, model=model, pretext=pretext).validate()
+    TrainConfig(hflip=hflip, crop_scale=crop_scale).validate()
+    if student_videos_per_class:  # the largest subset the data has: refused now, not after the teachers' training
+        train_videos = videos_per_class - max(1, round(videos_per_class * PrepConfig().test_fraction))
+        if student_videos_per_class > train_videos:
+            raise ConfigError(f"student_videos_per_class={student_videos_per_class} is more than the {train_videos} "
+                              f"training videos per class that videos_per_class={videos_per_class} gives; lower it "
+                              f"or raise videos_per_class (0 = every training video)")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     paths = _prepare_data(work, videos_per_class)
@@ -356,7 +384,7 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
     for seed in range(seeds):
         rows += run_seed(work, paths, seed, teacher_epochs=teacher_epochs, student_epochs=student_epochs,
                          rgb_teacher=rgb_teacher, flow_teacher=flow_teacher, source_pretext=source_pretext, jobs=jobs,
-                         student_videos_per_class=student_videos_per_class)
+                         student_videos_per_class=student_videos_per_class, hflip=hflip, crop_scale=crop_scale)
         (work / "rows.json").write_text(json.dumps(rows, indent=2))
     table = aggregate(rows)
     top1 = {r["method"]: r["top1"] for r in table}
@@ -381,6 +409,7 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
               "settings": {"seeds": seeds, "videos_per_class": videos_per_class, "teacher_epochs": teacher_epochs,
                            "student_epochs": student_epochs, "rgb_teacher": rgb_teacher, "flow_teacher": flow_teacher,
                            "methods": list(methods), "sweep": sweep, "source_pretext": source_pretext,
-                           "student_videos_per_class": student_videos_per_class}}
+                           "student_videos_per_class": student_videos_per_class, "hflip": hflip,
+                           "crop_scale": crop_scale}}
     (work / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result

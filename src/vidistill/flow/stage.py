@@ -77,14 +77,24 @@ def _gray(clips: np.ndarray) -> np.ndarray:
 
 
 class _FlowRunner:
-    """Computes encoded flow for groups of clips, isolating the clips that fail."""
+    """Computes encoded flow for groups of clips, isolating the clips that fail.
 
-    def __init__(self, cfg: FlowConfig, params: TVL1Params) -> None:
+    `processes`: how many worker processes `run_flow` spreads the groups over (the torch backend on CPU
+    with `cfg.workers` > 1; 1 otherwise). Each process then solves its groups with one thread."""
+
+    def __init__(self, cfg: FlowConfig, params: TVL1Params, *, in_worker: bool = False) -> None:
         self.cfg = cfg
         self.params = params
         self.kwargs: dict[str, Any] = {"backend": cfg.backend, "workers": cfg.workers, **params.as_dict()}
+        self.processes = 1
         if cfg.backend == "torch":
             device = resolve_device(cfg.device)
+            if device.type == "cpu" and cfg.workers > 1:
+                # processes, not threads: at clip sizes the per-op overhead of the batched solver is Python
+                # time, which threads serialise on the GIL (2 processes: 2.3x the pairs/s of 2 threads on
+                # the demo's 56x56 clips, README "Measured numbers")
+                self.processes = 1 if in_worker else cfg.workers
+                self.kwargs["workers"] = 1
             self.kwargs["device"] = device
             self.kwargs["compile"] = cfg.tvl1_compile  # off | on | graphs | auto (flow/fused.py)
             # GPU: one batch per call; CPU: tvl1 splits each call into cache-sized batches over threads
@@ -121,6 +131,53 @@ class _FlowRunner:
                 continue
             out[i] = encode_flow(flow, self.cfg.bound)
         return out, failed
+
+
+_WORKER: _FlowRunner | None = None  # the runner of a flow worker process
+
+
+def _init_worker(cfg: FlowConfig, params: TVL1Params) -> None:
+    """Flow worker process: one torch and one OpenCV thread (the processes are the parallelism)."""
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    _WORKER = _FlowRunner(cfg, params, in_worker=True)
+
+
+def _run_in_worker(gray: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    assert _WORKER is not None
+    return _WORKER.run(gray)
+
+
+MIN_GROUPS_FOR_PROCESSES = 4  # fewer groups of clips are solved in this process: a pool costs seconds to start
+
+
+def _groups(runner: _FlowRunner, cfg: FlowConfig, params: TVL1Params, processes: int) -> Any:
+    """A context giving `map(groups)` -> `runner.run` results in order: in this process, or over
+    `processes` worker processes (forkserver, as the data stages' pools)."""
+    from contextlib import nullcontext
+
+    from vidistill.data.parallel import ordered_map
+
+    if processes <= 1:
+        return nullcontext(lambda groups: map(runner.run, groups))
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["vidistill.flow.stage"])
+    pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=(cfg, params))
+
+    class _Pool:
+        def __enter__(self) -> Any:
+            return lambda groups: ordered_map(pool, _run_in_worker, list(groups))
+
+        def __exit__(self, *exc: object) -> None:
+            pool.shutdown(cancel_futures=True)
+
+    return _Pool()
 
 
 def run_flow(cfg: FlowConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -196,22 +253,24 @@ def run_flow(cfg: FlowConfig, *, progress: bool = True) -> dict[str, Any]:
     out_root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     columns = (TextColumn("[bold]flow[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    groups = sum(-(-shape[0] // clips_per_call) for *_, shape, _ in work)
+    processes = runner.processes if groups >= MIN_GROUPS_FOR_PROCESSES else 1
+    with Progress(*columns, disable=not progress) as bar, _groups(runner, cfg, params, processes) as solve:
         task = bar.add_task("", total=total_pairs)
         for split, number, clip_path, flow_path, shape, first in work:
             bar.update(task, description=f"{split}/{flow_path.name}")
             clips = np.load(clip_path)
             encoded = np.zeros(shape, dtype=np.uint8)
             shard_failed = []
-            for lo in range(0, shape[0], clips_per_call):
-                gray = _gray(clips[lo : lo + clips_per_call])
-                encoded[lo : lo + len(gray)], bad = runner.run(gray)
+            starts = range(0, shape[0], clips_per_call)
+            for lo, (enc, bad) in zip(starts, solve(_gray(clips[lo : lo + clips_per_call]) for lo in starts)):
+                encoded[lo : lo + len(enc)] = enc
                 shard_failed += [
                     {"split": split, "index": first + lo + row, "shard": number, "offset": lo + row, "reason": reason}
                     for row, reason in sorted(bad.items())
                 ]
-                bar.advance(task, len(gray) * (frames - 1))
-                done_pairs += len(gray) * (frames - 1)
+                bar.advance(task, len(enc) * (frames - 1))
+                done_pairs += len(enc) * (frames - 1)
             flow_path.parent.mkdir(parents=True, exist_ok=True)
             # manifest first: a crash before the shard lands only makes the rerun redo this shard
             manifest["failed"] += shard_failed
@@ -227,5 +286,6 @@ def run_flow(cfg: FlowConfig, *, progress: bool = True) -> dict[str, Any]:
         "failed": len(manifest["failed"]),
         "shards": len(work),
         "skipped_shards": skipped,
+        "processes": processes,
         "out": str(out_root),
     }
