@@ -17,8 +17,9 @@ def test_method_jobs_come_from_the_registry_and_sweeps():
     jobs = method_jobs(["none", "d3d", "sd"], {})
     assert [(label, key) for label, key, _ in jobs] == [
         ("none", "none"), ("d3d (lambda_=1)", "d3d"), ("d3d (lambda_=0.1)", "d3d"), ("sd (lambda_=0)", "sd"),
-        ("sd (lambda_=0.1)", "sd"), ("sd (lambda_=100)", "sd")]
-    assert jobs[-1][2] == {"lambda_": 100.0}
+        ("sd (lambda_=0.1)", "sd"), ("sd (lambda_=100)", "sd"), ("sd (lambda_=0, optimizer=train)", "sd"),
+        ("sd (lambda_=100, optimizer=train)", "sd")]
+    assert jobs[-1][2] == {"lambda_": 100.0, "optimizer": "train"}
     # a sweep replaces the method's default variants by every combination, typed by its Params
     jobs = method_jobs(["sd", "toy"], {"sd": {"lambda_": ["0", "1.5"], "snapshot_norm": ["batch", "running"]},
                                        "toy": {"beta": ["2"]}})
@@ -84,3 +85,21 @@ def test_bench_methods_at_toy_scale(tmp_path):
     assert "| d3d (lambda_=1) |" in result["markdown"] and " match |" in next(line for line in md if line.startswith("| method"))
     settings = json.loads((tmp_path / "result.json").read_text())["settings"]
     assert settings["videos_per_class"] == 3 and settings["hflip"] is True and settings["student_videos_per_class"] == 1
+
+
+def test_a_diverged_seed_is_counted_not_averaged():
+    from vidistill.benchmarks.methods import aggregate, regime_gates
+    from vidistill.evaluate.report import markdown_table
+
+    rows = [{"method": "none", "seed": 0, "top1": 0.5}, {"method": "none", "seed": 1, "top1": 0.7},
+            {"method": "sd (lambda_=100)", "seed": 0, "top1": 0.4},
+            {"method": "sd (lambda_=100)", "seed": 1, "diverged": "the loss became nan at epoch 1, step 7"},
+            {"method": "sd (lambda_=1000)", "seed": 0, "diverged": "the loss became inf"}]
+    table = {r["method"]: r for r in aggregate(rows)}
+    assert table["none"]["top1"] == pytest.approx(0.6) and "diverged" not in table["none"]
+    assert (table["sd (lambda_=100)"]["seeds"], table["sd (lambda_=100)"]["diverged"]) == (1, 1)
+    assert table["sd (lambda_=100)"]["top1"] == pytest.approx(0.4)
+    assert table["sd (lambda_=1000)"]["seeds"] == 0 and "top1" not in table["sd (lambda_=1000)"]
+    md = markdown_table(list(table.values()))
+    assert "| sd (lambda_=1000) | – | – | – | 0 | 1 |" in md
+    assert all(g["passed"] is None for g in regime_gates(list(table.values())))  # no teacher rows: not measured

@@ -41,7 +41,7 @@ from vidistill.config import (
     TeachConfig,
     TrainConfig,
 )
-from vidistill.errors import ConfigError
+from vidistill.errors import ConfigError, TrainingDivergedError
 
 # what a row keeps from the last epoch besides the loss terms (bookkeeping of the loop is dropped)
 _NOT_TERMS = {"lr", "epoch", "epoch_seconds", "epoch_start_seconds", "samples", "train_acc"}
@@ -49,21 +49,24 @@ _NOT_TERMS = {"lr", "epoch", "epoch_seconds", "epoch_start_seconds", "samples", 
 BENCH_FILES = ("teacher_rgb", "teacher_flow", "pretrained")
 
 
-def _prepare_data(work: Path, videos_per_class: int) -> dict[str, str]:
+def _prepare_data(work: Path, videos_per_class: int, data_seed: int = 0) -> dict[str, str]:
     """Target clips (domain 0) with their flow, and source clips (domain 1) as whole 24-frame videos, which
-    the pace pretext samples at several speeds (the supervised source pre-training takes them as they are)."""
+    the pace pretext samples at several speeds (the supervised source pre-training takes them as they are).
+    `data_seed` 0 draws the videos `make demo` trains on (synthetic seeds 0 and 1); another value draws
+    other videos of the same classes (seeds 2·data_seed and 2·data_seed + 1)."""
     from vidistill import stages
 
     paths = {}
-    for name, domain, seed, frames, stride in (("target", 0, 0, 8, 2), ("source", 1, 1, 24, 1)):
-        synth = SynthConfig(out=str(work / f"raw_{name}_{videos_per_class}"), domain=domain, seed=seed,
+    tag = f"{videos_per_class}" if data_seed == 0 else f"{videos_per_class}_d{data_seed}"
+    for name, domain, seed, frames, stride in (("target", 0, 2 * data_seed, 8, 2), ("source", 1, 2 * data_seed + 1, 24, 1)):
+        synth = SynthConfig(out=str(work / f"raw_{name}_{tag}"), domain=domain, seed=seed,
                             videos_per_class=videos_per_class)
-        cfg = PrepConfig(dataset="synthetic", root=synth.out, out=str(work / f"clips_{name}_{videos_per_class}"),
+        cfg = PrepConfig(dataset="synthetic", root=synth.out, out=str(work / f"clips_{name}_{tag}"),
                          frames=frames, stride=stride, synth=synth)
         if not (Path(cfg.out) / "manifest.json").exists():
             stages.prep(cfg, progress=False, track=False)
         paths[name] = cfg.out
-    flow = FlowConfig(clips=paths["target"], out=str(work / f"flow_{videos_per_class}"))
+    flow = FlowConfig(clips=paths["target"], out=str(work / f"flow_{tag}"))
     if not (Path(flow.out) / "manifest.json").exists():
         stages.flow(flow, progress=False, track=False)
     paths["flow"] = flow.out
@@ -171,7 +174,11 @@ def run_seed(work: Path, paths: dict[str, str], seed: int, *, teacher_epochs: in
                          student_videos_per_class=student_videos_per_class, student_subset_seed=seed, **files)
     for i, (label, key, hp) in enumerate(jobs):
         cfg = replace(base, method=key, methods={key: hp} if hp else {}, out=str(run / "distill" / f"{i:02d}_{key}"))
-        r = stages.distill(cfg, progress=False, track=False)
+        try:
+            r = stages.distill(cfg, progress=False, track=False)
+        except TrainingDivergedError as e:  # a finding, not a crash: the row says where the loss broke
+            rows.append({"method": label, "seed": seed, "diverged": str(e).splitlines()[0]})
+            continue
         rows.append(_row(label, seed, r, train_seconds=r["train_seconds"], model=r["model"]))
         with_teachers = get_method(key).bench_ensembles
         if with_teachers:  # e.g. the RGB-only student + the flow stream: the two-stream network at the student's size
@@ -184,15 +191,19 @@ def run_seed(work: Path, paths: dict[str, str], seed: int, *, teacher_epochs: in
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std (population over seeds) of every number per method (metrics, loss terms, seconds),
-    in first-seen order."""
+    in first-seen order; `seeds` counts the seeds that trained, `diverged` those whose loss became NaN/inf
+    (a method that diverged on every seed has no metrics)."""
     order: list[str] = []
     for r in rows:
         if r["method"] not in order:
             order.append(r["method"])
     out = []
     for m in order:
-        group = [r for r in rows if r["method"] == m]
+        group = [r for r in rows if r["method"] == m and "diverged" not in r]
         agg: dict[str, Any] = {"method": m, "seeds": len(group)}
+        diverged = sum(1 for r in rows if r["method"] == m and "diverged" in r)
+        if diverged:  # the seeds whose loss became NaN/inf are counted, not averaged
+            agg["diverged"] = diverged
         keys = dict.fromkeys(k for r in group for k, v in r.items()
                              if k != "seed" and isinstance(v, (int, float)) and not isinstance(v, bool))
         for k in keys:
@@ -261,7 +272,7 @@ def regime_gates(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         One dict per gate: `gate`, `lhs`/`rhs` (row names), `lhs_top1`, `rhs_top1` (means over seeds),
         `margin` (required), `slack` (lhs − rhs − margin; >= 0 passes) and `passed`.
     """
-    top1 = {r["method"]: r["top1"] for r in table}
+    top1 = {r["method"]: r["top1"] for r in table if "top1" in r}
 
     def find(pred) -> str | None:
         return next((m for m in top1 if pred(m)), None)
@@ -311,7 +322,7 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
                   flow_teacher: str = "r2plus1d_student", methods: tuple[str, ...] = (),
                   sweep: Mapping[str, Mapping[str, Sequence[Any]]] = MappingProxyType({}),
                   source_pretext: str = "pace", student_videos_per_class: int = 10, hflip: bool = True,
-                  crop_scale: float = 0.5) -> dict[str, Any]:
+                  crop_scale: float = 0.5, data_seed: int = 0) -> dict[str, Any]:
     """The comparison table (mean ± std over `seeds`) plus the inference cost of the `bench_latency` methods.
 
     The defaults are the benchmark regime of issue #12, the setting `make demo` runs (params.yaml): 40
@@ -344,6 +355,8 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
             (`TrainConfig.hflip`).
         crop_scale: random resized crops with at least this fraction of the area (`TrainConfig.crop_scale`;
             1 = off).
+        data_seed: 0: the synthetic videos `make demo` trains and tests on; another value: other videos of
+            the same classes (a check, on data no setting was chosen on, of what the demo's data showed).
 
     Raises:
         ConfigError: an unknown method, hyperparameter or value, or a method whose needs the benchmark
@@ -366,6 +379,8 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
     jobs = method_jobs(list(methods), sweep)
     for _, key, hp in jobs:  # refuse a bad method or hyperparameter before any work
         method_params(key, hp)
+    if data_seed < 0:
+        raise ConfigError(f"data_seed must be >= 0 (0 = the demo's videos), got {data_seed}")
     if student_videos_per_class < 0:
         raise ConfigError(f"student_videos_per_class must be >= 0 (0 = every training video), got {student_videos_per_class}")
     for modality, model, pretext in (("rgb", rgb_teacher, "none"), ("flow", flow_teacher, "none"), ("rgb", "r2plus1d_student", source_pretext)):
@@ -379,7 +394,7 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
                               f"or raise videos_per_class (0 = every training video)")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    paths = _prepare_data(work, videos_per_class)
+    paths = _prepare_data(work, videos_per_class, data_seed)
     rows: list[dict[str, Any]] = []
     for seed in range(seeds):
         rows += run_seed(work, paths, seed, teacher_epochs=teacher_epochs, student_epochs=student_epochs,
@@ -387,15 +402,17 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
                          student_videos_per_class=student_videos_per_class, hflip=hflip, crop_scale=crop_scale)
         (work / "rows.json").write_text(json.dumps(rows, indent=2))
     table = aggregate(rows)
-    top1 = {r["method"]: r["top1"] for r in table}
+    top1 = {r["method"]: r["top1"] for r in table if "top1" in r}
     reference = next((r["method"] for r in table if r["method"].startswith("two-stream: ")
                       and r["method"] != "two-stream: teacher rgb + teacher flow"), None)
     latency = []
     for i, label, key in _latency_rows(jobs):
-        student = next(r["model"] for r in rows if r["method"] == label and r["seed"] == 0)
+        student = next((r["model"] for r in rows if r["method"] == label and "model" in r), None)
+        if student is None:  # diverged on every seed
+            continue
         cost = inference_latency(student, str(work / "seed0" / "teacher_flow" / "model.pt"), student, paths["target"])
         cost["method"] = label
-        if reference is not None:
+        if reference is not None and label in top1:
             cost["two_stream_row"] = reference
             cost["accuracy_vs_two_stream"] = top1[label] / max(top1[reference], 1e-9)
         latency.append(cost)
@@ -410,6 +427,6 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
                            "student_epochs": student_epochs, "rgb_teacher": rgb_teacher, "flow_teacher": flow_teacher,
                            "methods": list(methods), "sweep": sweep, "source_pretext": source_pretext,
                            "student_videos_per_class": student_videos_per_class, "hflip": hflip,
-                           "crop_scale": crop_scale}}
+                           "crop_scale": crop_scale, "data_seed": data_seed}}
     (work / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result

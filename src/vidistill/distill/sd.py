@@ -159,13 +159,15 @@ class SelfDistillation(Distiller):
 
     The snapshot is a frozen module: it is not checkpointed; after a resume `on_epoch_start` copies it
     from the restored student, as in an uninterrupted run. `vidistill bench methods` trains λ = 0
-    (plain fine-tuning, the control), 0.1 and 100 by default; the paper's sweep is
+    (plain fine-tuning, the control), 0.1 and 100 with the paper's optimiser, and λ = 0 and 100 with
+    `distill.train`'s (what params.yaml gives `make demo`); the paper's sweep is
     `--set sweep.sd.lambda_=0,0.1,1,10,100,1000`.
     """
 
     Params = SDParams
     needs = ("pretrained",)
-    bench_variants = ({"lambda_": 0.0}, {"lambda_": 0.1}, {"lambda_": 100.0})
+    bench_variants = ({"lambda_": 0.0}, {"lambda_": 0.1}, {"lambda_": 100.0},
+                      {"lambda_": 0.0, "optimizer": "train"}, {"lambda_": 100.0, "optimizer": "train"})
 
     @classmethod
     def train_config(cls, params: SDParams, train: Any) -> Any:

@@ -25,7 +25,7 @@ def markdown_table(rows: list[dict[str, Any]], *, extra_columns: Sequence[str] =
     `train_acc` column (accuracy on the training clips in the last epoch) where rows carry it, and the
     `extra_columns` (e.g. loss terms `term:kd`, headed `kd`) as mean ± std."""
     metrics = [*COLUMNS, *(["train_acc"] if any("train_acc" in r for r in rows) else [])]
-    extra = [k for k in ("seeds", "latency_ms") if any(k in r for r in rows)]
+    extra = [k for k in ("seeds", "diverged", "latency_ms") if any(k in r for r in rows)]
     head = ["method", *metrics, *(c.split(":", 1)[-1] for c in extra_columns), *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
