@@ -103,3 +103,10 @@ def test_a_diverged_seed_is_counted_not_averaged():
     md = markdown_table(list(table.values()))
     assert "| sd (lambda_=1000) | – | – | – | 0 | 1 |" in md
     assert all(g["passed"] is None for g in regime_gates(list(table.values())))  # no teacher rows: not measured
+
+
+def test_the_baseline_is_the_registrys_labels_only_method():
+    from vidistill.distill import baseline_methods
+
+    assert "none" in baseline_methods() and not {"kd", "d3d", "sd"} & set(baseline_methods())
+    assert all(get_method(k).needs == () for k in baseline_methods())  # a baseline needs no teacher

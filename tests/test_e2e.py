@@ -66,7 +66,8 @@ def test_pipeline_run_on_your_own_videos(tmp_path, monkeypatch):
         assert re.search(rf"▶ {re.escape(label)}\s+started$", console, re.M), label
         assert re.search(rf"✓ {re.escape(label)}\s+done\s+\d+\.\d s", console), label
     assert re.search(r"✓ prep\s+done .* 8 train / 4 test clips, 2 input\(s\) skipped", console)  # the 2 notes.txt
-    assert "says little about the methods" not in console  # the synthetic demo's note, not for a user's data
+    # the note says what the numbers say, one way or the other
+    assert ("Distillation paid in this run" in console) != ("No distilled student beat none in this run" in console), console
 
     # one log per task under the run's folder, with kfp's executor log and warnings
     summary = json.loads((tmp_path / "work" / "outputs" / "demo_summary.json").read_text())

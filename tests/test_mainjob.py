@@ -211,11 +211,20 @@ def test_local_and_host_are_exclusive_and_one_is_required(capsys, monkeypatch):
                                          or "not allowed with argument" in done.stderr), done.stderr
 
 
-def test_the_demo_note_is_only_for_synthetic_data_and_quotes_the_runs_numbers():
+def test_the_demo_note_says_what_the_runs_numbers_say():
     from vidistill_pipeline import demo
 
-    assert demo.demo_note({"prep": {"dataset": "folder"}}, "demo", {}) == ""
-    note = demo.demo_note({"prep": {"dataset": "synthetic", "synth": {"videos_per_class": 24}},
-                           "distill": {"train": {"epochs": 10}}}, "demo",
-                          {"chance": {"top1": 0.25}, "models": [{"role": "student", "top1": 0.5, "name": "student: kd"}]})
-    assert "24 synthetic videos per class for 10 epoch(s)" in note and "top-1 0.500 against chance 0.250" in note
+    assert demo.demo_note({}, "demo", {"models": [{"role": "student", "method": "kd", "top1": 0.5}]}) == ""  # no none
+    data = {"chance": {"top1": 0.125}, "dataset": {"splits": {"test": {"clips": 96}}},
+            "models": [{"role": "teacher", "name": "RGB teacher", "top1": 0.875},
+                       {"role": "student", "method": "none", "top1": 0.583}, {"role": "student", "method": "kd", "top1": 0.729},
+                       {"role": "student", "method": "sd", "top1": 0.24}]}
+    params = {"distill": {"student_videos_per_class": 10}}
+    note = demo.demo_note(params, "demo", data)
+    assert note.startswith("Distillation paid in this run: kd reached top-1 0.729 against 0.583 for none")
+    assert "(+0.146)" in note and "The RGB teacher: 0.875 (+0.292 over none)" in note
+    assert "students labelled with 10 videos per class" in note and "96 test clips (one clip = 0.010)" in note
+    data["models"][1]["top1"] = 0.8  # none above every distilled student: the note must say so
+    note = demo.demo_note(params, "demo", data)
+    assert note.startswith("No distilled student beat none in this run: the best, kd, reached top-1 0.729 against 0.800")
+    assert "paid" not in note

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-PROFILES = ("tiny", "demo", "large")  # keys of runner.PROFILES (checked by tests/test_pipeline.py)
+PROFILES = ("default", "tiny", "demo", "large")  # keys of runner.PROFILES (checked by tests/test_pipeline.py)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the main job: the whole pipeline on synthetic data with kfp.local, then a summary",
                           description="Run the whole pipeline on this machine (kfp.local), then print the comparison, "
                                       "the registration decision and where everything is.")
-    _run_flags(demo)
+    _run_flags(demo, default_profile="demo")
     demo.set_defaults(handler=_run, local=True, host=None)
 
     pipe = sub.add_parser("pipeline", help="compile (Kubeflow IR + dvc.yaml), run locally or once on a cluster, or schedule")
@@ -66,10 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ps.set_defaults(handler=_schedule)
 
 
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="demo", choices=PROFILES,
-                   help="preset overrides of params.yaml: tiny (tests, ~minutes), demo (make demo; params.yaml as it "
-                        "is), large (a GPU pool); default: demo")
+def _run_flags(p: argparse.ArgumentParser, default_profile: str = "default") -> None:
+    p.add_argument("--profile", default=default_profile, choices=PROFILES,
+                   help="preset overrides of params.yaml: default (params.yaml as it is), tiny (tests, ~minutes), "
+                        "demo (make demo: the benchmark regime on the synthetic data, students labelled with 10 "
+                        f"videos per class), large (a GPU pool); default: {default_profile}")
     p.add_argument("--params", default="params.yaml", help="parameter file to start from (default: params.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override any params.yaml key, after the profile; repeatable. The value is read as YAML: "

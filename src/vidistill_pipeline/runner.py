@@ -16,11 +16,12 @@ from vidistill.config import ConfigError, load_params, set_dotted, validate_pipe
 
 COMPILED = Path("pipeline.yaml")  # relative to the working directory, beside params.yaml and dvc.yaml
 
-# profile -> dotted overrides of params.yaml. `demo` is `make demo`: params.yaml as it is, the benchmark
-# regime (README, "Benchmark regime": the teachers see 28 labelled videos per class, the students 10 of
-# them, every network with flips and crops), within 15 minutes on 2 CPU cores; `tiny` is what the tests
-# run; `large` is for a GPU node pool. None of them names a method: every profile fans out over
-# params.yaml's `pipeline.methods`.
+# profile -> dotted overrides of params.yaml. `default` is params.yaml as it is (what `pipeline run` takes
+# unless told otherwise: your data, every labelled video for every network). `demo` is `make demo`: the
+# benchmark regime on the synthetic data (README, "Benchmark regime": the teachers see all 28 labelled
+# training videos per class, the students 10 of them, so the teachers know more), within 15 minutes on
+# 2 CPU cores. `tiny` is what the tests run; `large` is for a GPU node pool. None of them names a method:
+# every profile fans out over params.yaml's `pipeline.methods`.
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "prep.synth.videos_per_class": 4, "prep.frames": 4, "prep.synth.frames": 12, "pipeline.source_prep.synth.videos_per_class": 4,
@@ -30,10 +31,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         # multi-dataset methods: the experts, and JEDI's own schedule (500 epochs by default, not distill.train's)
         "experts.train.epochs": 1, "distill.methods.jedi.epochs": 2, "distill.methods.jedi.burn_in": 1,
     },
-    "demo": {},
+    "default": {},
+    "demo": {"distill.student_videos_per_class": 10},
     "large": {
-        "prep.synth.videos_per_class": 100, "pipeline.source_prep.synth.videos_per_class": 100,
-        "distill.student_videos_per_class": 25, "teach.model": "r2plus1d_teacher",
+        "prep.synth.videos_per_class": 100, "pipeline.source_prep.synth.videos_per_class": 100, "teach.model": "r2plus1d_teacher",
         "teach.train.epochs": 40, "pretrain.train.epochs": 30, "distill.train.epochs": 60,
     },
 }
@@ -102,7 +103,7 @@ def _section(params: dict[str, Any], dotted: str) -> Any:
     return cur
 
 
-def resolve_params(params_file: str | Path = "params.yaml", *, profile: str = "demo", workdir: str | Path = ".",
+def resolve_params(params_file: str | Path = "params.yaml", *, profile: str = "default", workdir: str | Path = ".",
                    overrides: dict[str, Any] | None = None, absolute: bool = True) -> dict[str, Any]:
     """params.yaml + profile + overrides (`--set`), checked (`vidistill.config.validate_pipeline_params`) before anything runs.
 

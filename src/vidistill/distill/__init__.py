@@ -3,6 +3,7 @@
 from vidistill.distill.base import (
     DistillContext,
     Distiller,
+    baseline_methods,
     create_distiller,
     get_method,
     list_methods,
@@ -11,5 +12,5 @@ from vidistill.distill.base import (
     weighted_mean,
 )
 
-__all__ = ["DistillContext", "Distiller", "create_distiller", "get_method", "list_methods", "method_params",
+__all__ = ["DistillContext", "Distiller", "baseline_methods", "create_distiller", "get_method", "list_methods", "method_params",
            "register_method", "weighted_mean"]

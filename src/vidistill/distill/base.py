@@ -98,6 +98,8 @@ class Distiller(TrainTask):
             network at the student's size.
         bench_latency: the benchmark times this method's RGB-only student against the two-stream
             pipeline it replaces (TV-L1 on the clip + flow network + RGB network).
+        labels_only: the student learns from the labels alone: the baseline a distilled student must
+            beat (`none`); reports compare every other method with it.
     """
 
     key: ClassVar[str] = ""
@@ -109,6 +111,7 @@ class Distiller(TrainTask):
     bench_variants: ClassVar[tuple[dict[str, Any], ...]] = ()
     bench_ensembles: ClassVar[tuple[str, ...]] = ()
     bench_latency: ClassVar[bool] = False
+    labels_only: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, params: Any, ctx: DistillContext) -> None:
         super().__init__()
@@ -239,6 +242,12 @@ def list_methods() -> list[str]:
     """Keys of every registered method: the built-in files and the `vidistill.methods` entry points."""
     _load_all()
     return sorted(_METHODS)
+
+
+def baseline_methods() -> list[str]:
+    """Keys of the methods whose students learn from the labels alone (`labels_only`: `none`), the
+    baseline every distilled student is compared with."""
+    return [k for k in list_methods() if get_method(k).labels_only]
 
 
 def get_method(key: str) -> type[Distiller]:

@@ -28,6 +28,7 @@ class NoDistillation(Distiller):
 
     Params = NoParams
     bench_ensembles = ("teacher_flow",)
+    labels_only = True
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One step: L = CE(s(x), y) with label smoothing.
