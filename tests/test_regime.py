@@ -90,7 +90,7 @@ def test_gates_pass_fail_and_missing_rows_are_reported():
     assert regime_gates(table)[2]["passed"] is True  # fine-tuned >= scratch: equal passes
 
 
-def test_the_demo_runs_the_regime_and_tiny_keeps_a_subset():
+def test_the_demo_runs_the_regime_and_the_default_profile_uses_every_video():
     from vidistill.config import from_dict
     from vidistill_pipeline import cli, runner
 
@@ -103,5 +103,5 @@ def test_the_demo_runs_the_regime_and_tiny_keeps_a_subset():
     cfg = from_dict(DistillConfig, params["distill"], where="distill.")
     cfg.validate()
     assert cfg.train.hflip and cfg.train.crop_scale < 1 and params["teach"]["train"]["hflip"]
-    tiny = runner.resolve_params("params.yaml", profile="tiny")
-    assert 0 < tiny["distill"]["student_videos_per_class"] < tiny["prep"]["synth"]["videos_per_class"]
+    for profile in ("default", "tiny"):  # your videos: every labelled one trains the students
+        assert runner.resolve_params("params.yaml", profile=profile)["distill"]["student_videos_per_class"] == 0

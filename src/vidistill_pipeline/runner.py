@@ -27,7 +27,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "prep.synth.videos_per_class": 4, "prep.frames": 4, "prep.synth.frames": 12, "pipeline.source_prep.synth.videos_per_class": 4,
         "pipeline.source_prep.frames": 10, "pipeline.source_prep.synth.frames": 12, "pretrain.pretext_frames": 4,
         "flow.tvl1.nscales": 2, "flow.tvl1.warps": 2, "flow.tvl1.outer_iterations": 2, "flow.tvl1.inner_iterations": 5,
-        "teach.train.epochs": 1, "pretrain.train.epochs": 1, "distill.train.epochs": 1, "distill.student_videos_per_class": 2,
+        "teach.train.epochs": 1, "pretrain.train.epochs": 1, "distill.train.epochs": 1,
         # multi-dataset methods: the experts, and JEDI's own schedule (500 epochs by default, not distill.train's)
         "experts.train.epochs": 1, "distill.methods.jedi.epochs": 2, "distill.methods.jedi.burn_in": 1,
     },
