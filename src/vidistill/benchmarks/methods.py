@@ -73,6 +73,14 @@ def _prepare_data(work: Path, videos_per_class: int, data_seed: int = 0) -> dict
     return paths
 
 
+def _progress(seed: int, label: str, result: dict[str, Any], seconds: float) -> None:
+    """One line on stderr per trained model (the benchmark runs for about an hour)."""
+    import sys
+
+    what = f"diverged: {result['diverged']}" if "diverged" in result else f"top-1 {result['top1']:.3f}"
+    print(f"[bench methods] seed {seed}: {label}: {what} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+
+
 def _row(label: str, seed: int, result: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """One table row: test metrics, plus the last epoch's training accuracy and every loss term when trained."""
     row = {"method": label, "seed": seed, **{k: result[k] for k in ("top1", "top5", "mAP")}, **extra}
@@ -154,7 +162,10 @@ def run_seed(work: Path, paths: dict[str, str], seed: int, *, teacher_epochs: in
     def teacher(modality: str, clips: str, model: str, out: str, pretext: str = "none") -> dict[str, Any]:
         cfg = TeachConfig(clips=clips, flow=paths["flow"], out=str(run / out), modality=modality, model=model,
                           pretext=pretext, train=t_train if pretext == "none" else pre_train)
-        return stages.teach(cfg, progress=False, track=False)
+        t0 = time.perf_counter()
+        result = stages.teach(cfg, progress=False, track=False)
+        _progress(seed, out, result, time.perf_counter() - t0)
+        return result
 
     def ensemble(label: str, models: list[str], out: str) -> None:
         r = stages.evaluate(EvaluateConfig(clips=paths["target"], flow=paths["flow"], out=str(run / out),
@@ -174,11 +185,14 @@ def run_seed(work: Path, paths: dict[str, str], seed: int, *, teacher_epochs: in
                          student_videos_per_class=student_videos_per_class, student_subset_seed=seed, **files)
     for i, (label, key, hp) in enumerate(jobs):
         cfg = replace(base, method=key, methods={key: hp} if hp else {}, out=str(run / "distill" / f"{i:02d}_{key}"))
+        t0 = time.perf_counter()
         try:
             r = stages.distill(cfg, progress=False, track=False)
         except TrainingDivergedError as e:  # a finding, not a crash: the row says where the loss broke
             rows.append({"method": label, "seed": seed, "diverged": str(e).splitlines()[0]})
+            _progress(seed, label, rows[-1], time.perf_counter() - t0)
             continue
+        _progress(seed, label, r, time.perf_counter() - t0)
         rows.append(_row(label, seed, r, train_seconds=r["train_seconds"], model=r["model"]))
         with_teachers = get_method(key).bench_ensembles
         if with_teachers:  # e.g. the RGB-only student + the flow stream: the two-stream network at the student's size
