@@ -97,7 +97,7 @@ class _FlowRunner:
                 self.kwargs["workers"] = 1
             self.kwargs["device"] = device
             self.kwargs["compile"] = cfg.tvl1_compile  # off | on | graphs | auto (flow/fused.py)
-            # GPU: one batch per call; CPU: tvl1 splits each call into cache-sized batches over threads
+            # GPU: one batch per call; CPU: tvl1 splits each call into cache-sized batches
             if device.type != "cpu":
                 self.kwargs["batch_size"] = cfg.batch_size
 
