@@ -231,7 +231,7 @@ def test_the_demo_note_says_what_the_runs_numbers_say():
 
 def test_a_local_fanout_shares_the_cores(monkeypatch):
     """kfp.local runs two ParallelFor iterations at once: each student gets its share of the cores (two at torch's
-    default thread count on 2 cores ran 7x slower, README "Measured numbers")."""
+    default thread count on 2 cores ran 7x slower, README "Results on this machine")."""
     import torch
 
     from vidistill_pipeline import runner

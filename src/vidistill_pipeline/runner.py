@@ -231,7 +231,7 @@ def fanout_threads(items: int, cores: int | None = None) -> int:
 
     Each task is its own process, and torch gives every process a thread per core: two students at two
     threads each on 2 cores ran 7x slower than at one thread each (145 s against 20 s for the same two
-    12-epoch runs, README "Measured numbers"), OpenMP threads spinning against each other. So the cores
+    12-epoch runs, README "Results on this machine"), OpenMP threads spinning against each other. So the cores
     are shared out: `cores // min(items, local_parallelism())`, at least 1.
     """
     cores = cores or os.cpu_count() or 1

@@ -92,7 +92,7 @@ class _FlowRunner:
             if device.type == "cpu" and cfg.workers > 1:
                 # processes, not threads: at clip sizes the per-op overhead of the batched solver is Python
                 # time, which threads serialise on the GIL (2 processes: 2.3x the pairs/s of 2 threads on
-                # the demo's 56x56 clips, README "Measured numbers")
+                # the demo's 56x56 clips, README "Results on this machine")
                 self.processes = 1 if in_worker else cfg.workers
                 self.kwargs["workers"] = 1
             self.kwargs["device"] = device
