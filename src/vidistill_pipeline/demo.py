@@ -48,8 +48,9 @@ def demo_note(params: dict[str, Any], profile: str, data: dict[str, Any]) -> str
 
     students = {m.get("method"): m["top1"] for m in data.get("models", [])
                 if m.get("role") == "student" and m.get("top1") is not None and m.get("method")}
-    base = next((k for k in baseline_methods() if k in students), None)
-    distilled = {k: v for k, v in students.items() if k not in baseline_methods()}
+    baselines = baseline_methods()
+    base = next((k for k in baselines if k in students), None)
+    distilled = {k: v for k, v in students.items() if k not in baselines}
     if base is None or not distilled:
         return ""
     plain = students[base]

@@ -401,7 +401,9 @@ def bench_methods(*, work: str | Path = "outputs/bench_methods", seeds: int = 3,
         TeachConfig(modality=modality, model=model, pretext=pretext).validate()
     TrainConfig(hflip=hflip, crop_scale=crop_scale).validate()
     if student_videos_per_class:  # the largest subset the data has: refused now, not after the teachers' training
-        train_videos = videos_per_class - max(1, round(videos_per_class * PrepConfig().test_fraction))
+        from vidistill.data.layouts import test_videos
+
+        train_videos = videos_per_class - test_videos(videos_per_class, PrepConfig().test_fraction)
         if student_videos_per_class > train_videos:
             raise ConfigError(f"student_videos_per_class={student_videos_per_class} is more than the {train_videos} "
                               f"training videos per class that videos_per_class={videos_per_class} gives; lower it "

@@ -257,6 +257,12 @@ def parse_hmdb51(root: str | Path, *, split: int = 1) -> Layout:
 # folder (Kinetics-style) and synthetic
 
 
+def test_videos(n: int, test_fraction: float) -> int:
+    """How many of a class's `n` videos the folder split puts in test: `round(n * test_fraction)`, at least
+    one and at most n - 1 (a class with fewer than 2 videos has no test video)."""
+    return min(max(round(n * test_fraction), 1), n - 1) if n >= 2 else 0
+
+
 def parse_folder(root: str | Path, *, test_fraction: float = 0.3, seed: int = 0, dataset: str = "folder") -> Layout:
     """Parse `ROOT/<class>/<video>` (every file PyAV opens as a video) with a seeded stratified train/test split."""
     root = Path(root)
@@ -284,7 +290,7 @@ def parse_folder(root: str | Path, *, test_fraction: float = 0.3, seed: int = 0,
     items: list[VideoItem] = []
     for label, (cls, vids) in enumerate(per_class):
         n = len(vids)
-        n_test = min(max(round(n * test_fraction), 1), n - 1) if n >= 2 else 0
+        n_test = test_videos(n, test_fraction)
         test = set(video_rng(seed, cls).permutation(n)[:n_test].tolist())
         items += [VideoItem(f"{cls}/{p.name}", label, "test" if i in test else "train") for i, p in enumerate(vids)]
     return Layout(dataset, root, [c for c, _ in per_class], items, problems)

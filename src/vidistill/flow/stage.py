@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,30 +156,25 @@ def _run_in_worker(gray: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
 MIN_GROUPS_FOR_PROCESSES = 4  # fewer groups of clips are solved in this process: a pool costs seconds to start
 
 
-def _groups(runner: _FlowRunner, cfg: FlowConfig, params: TVL1Params, processes: int) -> Any:
-    """A context giving `map(groups)` -> `runner.run` results in order: in this process, or over
-    `processes` worker processes (forkserver, as the data stages' pools)."""
-    from contextlib import nullcontext
-
-    from vidistill.data.parallel import ordered_map
-
+@contextmanager
+def _solver(runner: _FlowRunner, cfg: FlowConfig, params: TVL1Params, processes: int) -> Iterator[Any]:
+    """Yields `solve(groups)` -> `runner.run` results in order: in this process, or over `processes`
+    worker processes (forkserver, as the data stages' pools)."""
     if processes <= 1:
-        return nullcontext(lambda groups: map(runner.run, groups))
+        yield lambda groups: map(runner.run, groups)
+        return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
+
+    from vidistill.data.parallel import ordered_map
 
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["vidistill.flow.stage"])
     pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=(cfg, params))
-
-    class _Pool:
-        def __enter__(self) -> Any:
-            return lambda groups: ordered_map(pool, _run_in_worker, list(groups))
-
-        def __exit__(self, *exc: object) -> None:
-            pool.shutdown(cancel_futures=True)
-
-    return _Pool()
+    try:
+        yield lambda groups: ordered_map(pool, _run_in_worker, list(groups))
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def run_flow(cfg: FlowConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -255,7 +252,7 @@ def run_flow(cfg: FlowConfig, *, progress: bool = True) -> dict[str, Any]:
     columns = (TextColumn("[bold]flow[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"), TimeElapsedColumn(), TimeRemainingColumn())
     groups = sum(-(-shape[0] // clips_per_call) for *_, shape, _ in work)
     processes = runner.processes if groups >= MIN_GROUPS_FOR_PROCESSES else 1
-    with Progress(*columns, disable=not progress) as bar, _groups(runner, cfg, params, processes) as solve:
+    with Progress(*columns, disable=not progress) as bar, _solver(runner, cfg, params, processes) as solve:
         task = bar.add_task("", total=total_pairs)
         for split, number, clip_path, flow_path, shape, first in work:
             bar.update(task, description=f"{split}/{flow_path.name}")
