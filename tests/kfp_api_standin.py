@@ -9,7 +9,10 @@ JSON body) for the tests to inspect:
 - `POST /apis/v2beta1/experiments`             (create it when missing)
 - `POST /apis/v2beta1/runs`                    (the run: compiled pipeline spec + runtime parameters)
 - `GET  /apis/v2beta1/runs/{id}`               (its state: `states` in order, the last one repeated)
+- `POST /apis/v2beta1/recurringruns`          (a schedule)
 
+`backend` plays the field's other answers: "login" (Kubeflow behind Dex: every request is redirected to
+the login page), "kfp-1.8" (no v2 API: 404 there, a v1beta1 healthz), or a version tag for healthz.
 It binds 127.0.0.1 on a free port.
 """
 
@@ -26,11 +29,13 @@ from urllib.parse import parse_qs, urlparse
 class KfpApiStandIn:
     """Context manager: `with KfpApiStandIn(states=["RUNNING", "SUCCEEDED"]) as api: api.url ...`."""
 
-    def __init__(self, states: list[str] | None = None) -> None:
+    def __init__(self, states: list[str] | None = None, backend: str = "2.16.1") -> None:
         self.states = list(states or ["PENDING", "RUNNING", "SUCCEEDED"])
+        self.backend = backend
         self.requests: list[dict[str, Any]] = []
         self.experiments: dict[str, dict[str, Any]] = {}
         self.runs: dict[str, dict[str, Any]] = {}
+        self.recurring: list[dict[str, Any]] = []
         self._polls: dict[str, int] = {}
         stand_in = self
 
@@ -55,11 +60,23 @@ class KfpApiStandIn:
                 stand_in.requests.append(entry)
                 return entry
 
+            def _login(self) -> None:
+                self.send_response(302)
+                self.send_header("Location", "/dex/auth?client_id=kubeflow-oidc-authservice")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 req = self._record()
                 path = req["path"]
+                if stand_in.backend == "login":
+                    return self._login()
+                if stand_in.backend == "kfp-1.8":
+                    if path == "/apis/v1beta1/healthz":
+                        return self._send(200, {"commit_sha": "abc", "tag_name": "1.8.5", "multi_user": False})
+                    return self._send(404, {"error": "Not Found", "code": 5})
                 if path == "/apis/v2beta1/healthz":
-                    return self._send(200, {"multi_user": False})
+                    return self._send(200, {"commit_sha": "abc", "tag_name": stand_in.backend, "multi_user": False})
                 if path == "/apis/v2beta1/experiments":
                     wanted = None
                     if req["query"].get("filter"):
@@ -79,6 +96,12 @@ class KfpApiStandIn:
 
             def do_POST(self) -> None:  # noqa: N802
                 req = self._record()
+                if stand_in.backend == "login":
+                    return self._login()
+                if req["path"] == "/apis/v2beta1/recurringruns":
+                    job = {**req["body"], "recurring_run_id": str(uuid.uuid4())}
+                    stand_in.recurring.append(job)
+                    return self._send(200, job)
                 if req["path"] == "/apis/v2beta1/experiments":
                     exp = {"experiment_id": str(uuid.uuid4()), "display_name": req["body"]["display_name"]}
                     stand_in.experiments[exp["experiment_id"]] = exp

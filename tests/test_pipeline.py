@@ -102,13 +102,34 @@ def test_gpu_requests_node_selectors_and_tolerations(ir):
         assert "nodeSelector" not in executors.get(name, {}), name
 
 
-def test_every_task_mounts_data_and_reads_mlflow_secret(ir):
+def test_every_task_mounts_data_reads_mlflow_config_and_runs_non_root(ir):
+    """Issue 25.1: the URI from the ConfigMap k8s/base creates; credentials only from an optional Secret (MLflow
+    as deployed has no login, and a required Secret nobody creates kept every pod in CreateContainerConfigError)."""
     spec, executors, _ = ir
     for name in spec["deploymentSpec"]["executors"]:
         k8s = executors[name]
         assert k8s["pvcMount"][0]["mountPath"] == "/data" and k8s["pvcMount"][0]["constant"] == "vidistill-data"
-        envs = {e["envVar"] for s in k8s["secretAsEnv"] for e in s["keyToEnv"]}
-        assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD"} <= envs
+        (config,) = k8s["configMapAsEnv"]
+        assert config["configMapName"] == "vidistill-mlflow-client" and not config.get("optional")
+        assert "MLFLOW_TRACKING_URI" in {e["envVar"] for e in config["keyToEnv"]}
+        assert all(s.get("optional") is True for s in k8s["secretAsEnv"]), name
+        assert k8s["securityContext"]["runAsNonRoot"] is True and int(k8s["securityContext"]["runAsUser"]) > 0
+
+
+def test_gpu_type_is_a_setting_of_the_overlay(tmp_path):
+    """Issue 25.7: VIDISTILL_GPU_TYPE (an overlay's pipeline.env) sets the node selector's value; a bad one is refused."""
+    env = {**os.environ, "VIDISTILL_GPU_TYPE": "nvidia-tesla-a100"}
+    out = tmp_path / "a100.yaml"
+    subprocess.run([str(BIN / "vidistill"), "pipeline", "compile", "--out", str(out), "--dvc", ""], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    _, platform = list(yaml.safe_load_all(out.read_text()))
+    selectors = [e["nodeSelector"]["labels"] for e in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+                 if "nodeSelector" in e]
+    assert selectors and all(s == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"} for s in selectors)
+    env["VIDISTILL_GPU_TYPE"] = "A100 80GB"
+    bad = subprocess.run([str(BIN / "vidistill"), "pipeline", "compile", "--out", str(out), "--dvc", ""], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "VIDISTILL_GPU_TYPE" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_caching_on_for_compute_off_for_side_effects(ir):

@@ -303,6 +303,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def _tracking_error(exc: BaseException) -> str | None:
+    """One line for an MLflow client error (server down, 401, 403, a Host header it refuses), else None."""
+    if "mlflow" not in sys.modules:
+        return None
+    from vidistill.registry.tracking import tracking_error_message
+
+    return tracking_error_message(exc)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text
@@ -342,9 +351,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     except Exception as exc:  # user-caused errors get one line; anything else is a bug and keeps its traceback
-        if debug or not isinstance(exc, _user_errors()):
+        tracking = _tracking_error(exc)
+        if debug or not (tracking or isinstance(exc, _user_errors())):
             raise
-        print(f"vidistill {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"vidistill {args.command}: error: {tracking or _one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"

@@ -497,17 +497,26 @@ GPU_POOL_NAMES = ("gke", "aks", "eks")
 
 @dataclass
 class ClusterConfig:
-    """Where the compiled pipeline's tasks run: the GPU node pool and the Kubernetes objects they mount.
+    """Where the compiled pipeline's tasks run: the GPU node pool and the Kubernetes objects they read.
 
-    Read from the environment when the pipeline is compiled (`from_env`): `VIDISTILL_GPU_POOL`,
-    `VIDISTILL_DATA_PVC`, `VIDISTILL_MLFLOW_SECRET`.
+    Read from the environment when the pipeline is compiled (`from_env`; a cluster overlay's
+    `k8s/overlays/*/pipeline.env` sets them): `VIDISTILL_GPU_POOL`, `VIDISTILL_GPU_TYPE`,
+    `VIDISTILL_DATA_PVC`, `VIDISTILL_MLFLOW_CONFIG`, `VIDISTILL_MLFLOW_SECRET`.
+
+    Every task takes `MLFLOW_TRACKING_URI` from the ConfigMap `mlflow_config` (k8s/base/mlflow.yaml
+    creates it) and, where a login stands in front of MLflow, `MLFLOW_TRACKING_USERNAME`/`_PASSWORD`/
+    `_TOKEN` from the Secret `mlflow_secret`, which is optional: MLflow as k8s/base deploys it has no
+    authentication, and a missing optional Secret starts the pod (k8s/README.md, "Secrets").
     """
 
     gpu_pool: str = "gke"  # one of GPU_POOL_NAMES
+    gpu_type: str = ""  # the node label's value (e.g. nvidia-tesla-a100 on GKE); empty: the pool's default
     data_pvc: str = "vidistill-data"  # PersistentVolumeClaim mounted at /data by every task
-    mlflow_secret: str = "vidistill-mlflow"  # Secret with MLFLOW_TRACKING_URI (and credentials)
+    mlflow_config: str = "vidistill-mlflow-client"  # ConfigMap with MLFLOW_TRACKING_URI
+    mlflow_secret: str = "vidistill-mlflow-auth"  # optional Secret with MLflow credentials
 
-    ENV = {"gpu_pool": "VIDISTILL_GPU_POOL", "data_pvc": "VIDISTILL_DATA_PVC", "mlflow_secret": "VIDISTILL_MLFLOW_SECRET"}
+    ENV = {"gpu_pool": "VIDISTILL_GPU_POOL", "gpu_type": "VIDISTILL_GPU_TYPE", "data_pvc": "VIDISTILL_DATA_PVC",
+           "mlflow_config": "VIDISTILL_MLFLOW_CONFIG", "mlflow_secret": "VIDISTILL_MLFLOW_SECRET"}
 
     @classmethod
     def from_env(cls) -> ClusterConfig:
@@ -519,7 +528,11 @@ class ClusterConfig:
     def validate(self) -> None:
         _check(self.gpu_pool in GPU_POOL_NAMES, f"GPU pool {self.gpu_pool!r} ({self.ENV['gpu_pool']}) is not known; "
                f"choose one of: {', '.join(GPU_POOL_NAMES)}")
+        _check(not self.gpu_type or re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", self.gpu_type) is not None,
+               f"GPU type {self.gpu_type!r} ({self.ENV['gpu_type']}) is not a valid Kubernetes label value "
+               "(e.g. nvidia-l4, nvidia-tesla-a100, nvidia-tesla-t4)")
         validate_k8s_name(self.data_pvc, f"the data PVC name ({self.ENV['data_pvc']})")
+        validate_k8s_name(self.mlflow_config, f"the MLflow ConfigMap name ({self.ENV['mlflow_config']})")
         validate_k8s_name(self.mlflow_secret, f"the MLflow Secret name ({self.ENV['mlflow_secret']})")
 
 

@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description="Run the pipeline on this machine (--local) or submit one run to a Kubeflow "
                                      "Pipelines cluster (--host). --set reaches any key of params.yaml; every value is "
                                      "checked before any work starts. Cluster credentials come from the environment "
-                                     "(KF_PIPELINES_SA_TOKEN_PATH, KF_PIPELINES_IAP_OAUTH2_CLIENT_ID, kfp's context "
-                                     "file), never from flags.")
+                                     "(VIDISTILL_KFP_TOKEN, VIDISTILL_KFP_COOKIES for a Kubeflow login, "
+                                     "KF_PIPELINES_SA_TOKEN_PATH), never from flags.")
     where = pr.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true", help="run every task on this machine with kfp.local's "
                                                             "SubprocessRunner")
@@ -60,13 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ps = psub.add_parser("schedule", help="create a Kubeflow recurring run (6-field cron, one at a time, no catch-up)")
     ps.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 2 * * *' = every day at 02:00")
     ps.add_argument("--host", required=True, help="Kubeflow Pipelines API URL")
-    ps.add_argument("--params", default="params.yaml", help="parameter file the runs' parameters come from "
-                                                            "(default: params.yaml)")
+    _run_flags(ps, local=False)
+    ps.add_argument("--experiment", default="vidistill", help="KFP experiment of the runs (default: vidistill)")
     ps.add_argument("--job-name", default="vidistill-nightly", help="name of the recurring run (default: vidistill-nightly)")
     ps.set_defaults(handler=_schedule)
 
 
-def _run_flags(p: argparse.ArgumentParser, default_profile: str = "default") -> None:
+def _run_flags(p: argparse.ArgumentParser, default_profile: str = "default", local: bool = True) -> None:
     p.add_argument("--profile", default=default_profile, choices=PROFILES,
                    help="preset overrides of params.yaml: default (params.yaml as it is), tiny (tests, ~minutes), "
                         "demo (make demo: the benchmark regime on the synthetic data, students labelled with 10 "
@@ -76,6 +76,8 @@ def _run_flags(p: argparse.ArgumentParser, default_profile: str = "default") -> 
                    help="override any params.yaml key, after the profile; repeatable. The value is read as YAML: "
                         "--set prep.dataset=folder --set prep.root=/videos --set register.model_name=my-videos "
                         "--set 'pipeline.methods=[none, kd]'")
+    if not local:
+        return
     p.add_argument("--workdir", default=".", help="(local) where data/, runs/, outputs/ and mlflow.db go (default: .)")
     p.add_argument("--no-cache", action="store_true",
                    help="(local) recompute every task instead of reusing kfp.local's cache")
@@ -172,6 +174,7 @@ def _normalised(path: Path) -> list:
 def _schedule(args: argparse.Namespace) -> int:
     from vidistill_pipeline import runner
 
-    r = runner.schedule(args.host, cron=args.cron, params_file=args.params, job_name=args.job_name)
+    params = runner.resolve_params(args.params, profile=args.profile, overrides=runner.parse_sets(args.set), absolute=False)
+    r = runner.schedule(args.host, params, cron=args.cron, experiment=args.experiment, job_name=args.job_name)
     print(f"recurring run {getattr(r, 'recurring_run_id', r)} created: {args.cron}")
     return 0

@@ -16,7 +16,8 @@ teachers train as Kubeflow Trainer TrainJobs of N nodes x G GPUs (trainjob.py).
 
 GPU-heavy tasks (flow, teach, distill) request `nvidia.com/gpu`, a node selector and a toleration for
 the cluster's GPU node pool (`GpuPool`: GKE, AKS and EKS/Karpenter label keys); every task mounts the
-data PVC and reads the MLflow URI and credentials from a Kubernetes Secret. All of these are ignored by
+data PVC, reads the MLflow URI from a ConfigMap (credentials, where a login guards MLflow, from an
+optional Secret) and runs as a non-root user. All of these are ignored by
 `kfp.local` and present in the compiled IR YAML.
 
 Caching: compute tasks (prep, flow, teachers, students, evaluation, comparison, selection, export) are
@@ -31,7 +32,7 @@ registered model's name and the promotion margin are `register.model_name` and `
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kfp import dsl, kubernetes
@@ -56,7 +57,13 @@ from vidistill_pipeline.components import (
     track_stages_op,
 )
 from vidistill_pipeline.shards import flow_shard_op, merge_flow_op, merge_prep_op, prep_shard_op, shard_plan_op
-from vidistill_pipeline.trainjob import config_dict, config_from_env, teach_trainjob_op
+from vidistill_pipeline.trainjob import (
+    MLFLOW_CONFIG_KEYS,
+    MLFLOW_SECRET_KEYS,
+    config_dict,
+    config_from_env,
+    teach_trainjob_op,
+)
 
 PIPELINE_NAME = "vidistill"
 
@@ -82,10 +89,15 @@ GPU_POOLS: dict[str, GpuPool] = {
     "eks": GpuPool(node_label="karpenter.k8s.aws/instance-gpu-name", node_value="l4", taint_key="nvidia.com/gpu",
                    taint_value="true"),
 }
-# VIDISTILL_GPU_POOL, VIDISTILL_DATA_PVC, VIDISTILL_MLFLOW_SECRET; an unknown pool or a name Kubernetes
-# would refuse stops here in one line (vidistill.config.ClusterConfig), not at submission
+# VIDISTILL_GPU_POOL, VIDISTILL_GPU_TYPE, VIDISTILL_DATA_PVC, VIDISTILL_MLFLOW_CONFIG, VIDISTILL_MLFLOW_SECRET; an
+# unknown pool or a name Kubernetes would refuse stops here in one line (vidistill.config.ClusterConfig)
 _CLUSTER = ClusterConfig.from_env()
-DATA_PVC, MLFLOW_SECRET, POOL = _CLUSTER.data_pvc, _CLUSTER.mlflow_secret, GPU_POOLS[_CLUSTER.gpu_pool]
+DATA_PVC, MLFLOW_CONFIG, MLFLOW_SECRET = _CLUSTER.data_pvc, _CLUSTER.mlflow_config, _CLUSTER.mlflow_secret
+POOL = GPU_POOLS[_CLUSTER.gpu_pool]
+if _CLUSTER.gpu_type:
+    POOL = replace(POOL, node_value=_CLUSTER.gpu_type)
+# the images run as this user (docker/Dockerfile.*: USER 10001), and Pod Security "restricted" wants it said
+RUN_AS_USER = 10001
 
 
 def _cluster(task: dsl.PipelineTask, *, cache: bool, gpu: bool = False) -> dsl.PipelineTask:
@@ -93,11 +105,11 @@ def _cluster(task: dsl.PipelineTask, *, cache: bool, gpu: bool = False) -> dsl.P
     task.set_caching_options(cache)
     task.set_cpu_request("1").set_memory_request("2G").set_cpu_limit("2").set_memory_limit("8G")
     kubernetes.mount_pvc(task, pvc_name=DATA_PVC, mount_path="/data")
-    kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env={
-        "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
-        "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
-    })
+    kubernetes.use_config_map_as_env(task, config_map_name=MLFLOW_CONFIG,
+                                     config_map_key_to_env={k: k for k in MLFLOW_CONFIG_KEYS})
+    kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env={k: k for k in MLFLOW_SECRET_KEYS},
+                                 optional=True)
+    kubernetes.set_security_context(task, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, run_as_non_root=True)
     if gpu:
         task.set_accelerator_type(POOL.accelerator).set_accelerator_limit(POOL.count)
         task.set_cpu_request(POOL.cpu).set_cpu_limit(POOL.cpu).set_memory_request(POOL.memory).set_memory_limit(POOL.memory)

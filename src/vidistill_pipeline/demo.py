@@ -146,8 +146,7 @@ def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workd
     lines = [f"report: {page}  (Markdown: {report})", f"ONNX student (RGB only): {onnx}",
              f"task logs: {result['log_dir']}", f"pipeline outputs: {result['run_dir']}",
              f"wall time: {result['seconds']:.0f} s",
-             f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --default-artifact-root {workdir / 'mlartifacts'} "
-             "--host 127.0.0.1 --port 5000"]
+             mlflow_ui_hint(uri, workdir)]
     if champ:
         lines.append(f"serve the champion: MLFLOW_TRACKING_URI={uri} .venv/bin/vidistill serve "
                      f"--model models:/{model_name}@champion")
@@ -165,3 +164,11 @@ def run_demo(*, profile: str = "demo", params: str | Path = "params.yaml", workd
     out.write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
+
+def mlflow_ui_hint(uri: str, workdir: Path) -> str:
+    """Where to look at the run in MLflow's UI: the server's own page for an http(s) store (`mlflow ui
+    --backend-store-uri http://...` fails: a server is not a backend store), else `mlflow ui` on the file."""
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {uri}"
+    return (f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --default-artifact-root {workdir / 'mlartifacts'} "
+            "--host 127.0.0.1 --port 5000")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vidistill.config import ConfigError, load_params, set_dotted, validate_pipeline_params
+from vidistill.errors import UserError
 
 COMPILED = Path("pipeline.yaml")  # relative to the working directory, beside params.yaml and dvc.yaml
 
@@ -301,29 +302,127 @@ def run_local(params: dict[str, Any], *, workdir: str | Path = ".", cache: bool 
             "tasks": tasks.tasks, "params": params, "code_version": version}
 
 
-def kfp_client(host: str) -> Any:
-    """A `kfp.Client` for the Kubeflow Pipelines API at `host`, authenticated the ways kfp itself reads
-    from the environment, never from command-line flags:
+# The oldest Kubeflow Pipelines backend that runs the compiled IR: artifact fan-in from a ParallelFor
+# (dsl.Collected of the students' models, kubeflow/pipelines#11725: 2.14.0), optional Secrets as env
+# (#12216: 2.15.0) and the tasks' security context (kfp-kubernetes set_security_context, #12832: 2.16.0);
+# 2.14-2.15 refuse the run at creation ("unknown field securityContext"). k8s/README.md says the same.
+MIN_KFP_BACKEND = (2, 16, 0)
+TOKEN_ENV, COOKIES_ENV = "VIDISTILL_KFP_TOKEN", "VIDISTILL_KFP_COOKIES"
 
-    - a service-account token file (`$KF_PIPELINES_SA_TOKEN_PATH`, or kfp's default
-      `/var/run/secrets/kubeflow/pipelines/token` inside a cluster), reread on every request;
-    - Identity-Aware Proxy: `$KF_PIPELINES_IAP_OAUTH2_CLIENT_ID` (and the `..._APP_OAUTH2_...` pair);
-    - a cookie or header from kfp's context file (`~/.config/kfp/context.json`);
-    - `$KF_PIPELINES_UI_ENDPOINT` for the UI links when it differs from the API host.
-    """
-    import warnings
 
-    import kfp
+class SubmitError(UserError):
+    """A Kubeflow Pipelines API refused or could not take a submission; the message says why and what to do."""
+
+
+def _auth() -> dict[str, Any]:
+    """kfp.Client's auth arguments from the environment: a bearer token (`$VIDISTILL_KFP_TOKEN`, e.g. from
+    `kubectl create token`), a login cookie (`$VIDISTILL_KFP_COOKIES`, e.g. `authservice_session=...` or
+    `oauth2_proxy_kubeflow=...` copied from a browser signed in to the Kubeflow dashboard, Dex), or a
+    service-account token file (`$KF_PIPELINES_SA_TOKEN_PATH`, kfp's default path inside a cluster)."""
     from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH
 
     kwargs: dict[str, Any] = {}
-    if os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or Path(KF_PIPELINES_SA_TOKEN_PATH).exists():
+    if os.environ.get(TOKEN_ENV):
+        kwargs["existing_token"] = os.environ[TOKEN_ENV]
+    elif os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or Path(KF_PIPELINES_SA_TOKEN_PATH).exists():
         from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
 
         kwargs["credentials"] = ServiceAccountTokenVolumeCredentials()
+    if os.environ.get(COOKIES_ENV):
+        kwargs["cookies"] = os.environ[COOKIES_ENV]
+    return kwargs
+
+
+def _headers() -> dict[str, str]:
+    """The same auth as HTTP headers, for the version check before the kfp client is built."""
+    headers = {}
+    if os.environ.get(TOKEN_ENV):
+        headers["Authorization"] = f"Bearer {os.environ[TOKEN_ENV]}"
+    if os.environ.get(COOKIES_ENV):
+        headers["Cookie"] = os.environ[COOKIES_ENV]
+    return headers
+
+
+def _version(tag: str) -> tuple[int, ...] | None:
+    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", tag or "")
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
+def check_backend(host: str, *, timeout: float = 15.0) -> dict[str, Any]:
+    """Ask the KFP API at `host` who it is (`GET /apis/v2beta1/healthz`) before anything is sent.
+
+    Returns:
+        The healthz answer (`commit_sha`, `tag_name`, `multi_user`).
+
+    Raises:
+        SubmitError: nothing answers (wrong URL, port-forward down), a login page answers instead of the
+            API (Kubeflow behind Dex/oauth2-proxy without a cookie or token), credentials are refused, or
+            the backend is older than `MIN_KFP_BACKEND` (e.g. KFP 1.8, which has no v2 API).
+    """
+    import requests
+
+    minimum = ".".join(map(str, MIN_KFP_BACKEND))
+    url = host.rstrip("/") + "/apis/v2beta1/healthz"
+    try:
+        r = requests.get(url, headers=_headers(), timeout=timeout, allow_redirects=False)
+    except requests.exceptions.RequestException as e:
+        from vidistill.registry.tracking import _reason
+
+        raise SubmitError(f"no Kubeflow Pipelines API answers at {host} ({_reason(e)}); check --host (e.g. "
+                          "http://localhost:8080 after kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80)") from None
+    login = f"set {COOKIES_ENV} to the dashboard's session cookie (e.g. authservice_session=...) or {TOKEN_ENV} to a token"
+    if r.is_redirect or "json" not in r.headers.get("content-type", "") and r.status_code == 200:
+        where = r.headers.get("location", "an HTML page")
+        raise SubmitError(f"{host} answered with a login page ({where}), not the Kubeflow Pipelines API: {login}")
+    if r.status_code in (401, 403):
+        raise SubmitError(f"{host} refused the credentials ({r.status_code}): {login}")
+    if r.status_code == 404:
+        old = requests.get(host.rstrip("/") + "/apis/v1beta1/healthz", headers=_headers(), timeout=timeout)
+        tag = old.json().get("tag_name", "?") if old.ok and "json" in old.headers.get("content-type", "") else "?"
+        raise SubmitError(f"the Kubeflow Pipelines backend at {host} has no v2 API (version {tag}); vidistill's "
+                          f"pipeline needs KFP >= {minimum}: upgrade Kubeflow Pipelines")
+    if not r.ok:
+        raise SubmitError(f"{host}/apis/v2beta1/healthz answered {r.status_code} {r.reason}; is --host the KFP API?")
+    info = r.json()
+    found = _version(str(info.get("tag_name", "")))
+    if found is not None and found < MIN_KFP_BACKEND:
+        raise SubmitError(f"the Kubeflow Pipelines backend at {host} is {info.get('tag_name')}; vidistill's pipeline "
+                          f"needs >= {minimum} (artifact fan-in from ParallelFor, optional Secrets, the tasks' security context): upgrade it")
+    return info
+
+
+@contextmanager
+def kfp_errors(host: str, what: str) -> Iterator[None]:
+    """Turn what the kfp client raises (API refusals, HTTP errors) into one-line `SubmitError`s."""
+    try:
+        yield
+    except SubmitError:
+        raise
+    except Exception as e:  # kfp_server_api.ApiException, urllib3 errors, ValueError from the client
+        status = getattr(e, "status", None)
+        body = str(getattr(e, "body", "") or "")
+        try:
+            import json
+
+            body = json.loads(body).get("message", body) if body else ""
+        except (ValueError, AttributeError):
+            pass
+        reason = f"{status} {getattr(e, 'reason', '')}".strip() if status else type(e).__name__
+        detail = " ".join((body or str(e)).split())[:300]
+        raise SubmitError(f"{what} at {host} failed ({reason}): {detail}") from None
+
+
+def kfp_client(host: str) -> Any:
+    """A `kfp.Client` for the Kubeflow Pipelines API at `host`, authenticated from the environment, never
+    from command-line flags (`_auth`: `$VIDISTILL_KFP_TOKEN`, `$VIDISTILL_KFP_COOKIES`, a service-account
+    token file). `$KF_PIPELINES_UI_ENDPOINT` sets the UI links when the UI is elsewhere than the API."""
+    import warnings
+
+    import kfp
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 ..."
-        return kfp.Client(host=host, **kwargs)
+        return kfp.Client(host=host, **_auth())
 
 
 def run_url(host: str, run_id: str) -> str:
@@ -354,21 +453,34 @@ def submit(host: str, params: dict[str, Any], *, experiment: str = "vidistill", 
     import io
     import tempfile
 
-    from kfp import compiler
+    from vidistill_pipeline.dag import pipeline_arguments
 
-    from vidistill_pipeline.dag import build_pipeline, pipeline_arguments
-
-    client = kfp_client(host)
+    check_backend(host)
     name = run_name or f"{(params.get('pipeline') or {}).get('run_name', 'vidistill')} {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    with tempfile.TemporaryDirectory() as tmp:
-        package = Path(tmp) / "pipeline.yaml"
-        compiler.Compiler().compile(build_pipeline(params), str(package))
+    with tempfile.TemporaryDirectory() as tmp, kfp_errors(host, "submitting the run"):
+        package = compile_package(params, Path(tmp) / "pipeline.yaml")
+        client = kfp_client(host)
         with contextlib.redirect_stdout(io.StringIO()):  # kfp prints its own "Run details" line
             result = client.create_run_from_pipeline_package(str(package), arguments=pipeline_arguments(params),
                                                              run_name=name, experiment_name=experiment)
-    state = str(getattr(result.run_info, "state", None) or "PENDING").upper()
+    if not getattr(result, "run_id", None):
+        raise SubmitError(f"{host} took the request but returned no run id (a login page or a proxy answered instead "
+                          f"of the KFP API?): set {COOKIES_ENV} or {TOKEN_ENV}, or check --host")
+    state = str(getattr(getattr(result, "run_info", None), "state", None) or "PENDING").upper()
     return {"run_id": result.run_id, "url": run_url(host, result.run_id), "experiment": experiment, "name": name,
             "state": state}
+
+
+def compile_package(params: dict[str, Any], path: Path) -> Path:
+    """Compile the pipeline with `params` as its defaults to `path`: what `submit` and `schedule` send, built
+    in this process (so with this environment's VIDISTILL_IMAGE_REGISTRY/TAG and cluster settings), never
+    a pipeline.yaml lying in the folder."""
+    from kfp import compiler
+
+    from vidistill_pipeline.dag import build_pipeline
+
+    compiler.Compiler().compile(build_pipeline(params), str(path))
+    return path
 
 
 def wait_for_run(host: str, run_id: str, *, poll_s: float = 10.0, timeout_s: float | None = None,
@@ -388,7 +500,8 @@ def wait_for_run(host: str, run_id: str, *, poll_s: float = 10.0, timeout_s: flo
     client = kfp_client(host)
     started, last = time.monotonic(), None
     while True:
-        state = str(client.get_run(run_id).state or "PENDING").upper()
+        with kfp_errors(host, f"reading run {run_id}"):
+            state = str(client.get_run(run_id).state or "PENDING").upper()
         if state != last:
             last = state
             if on_state is not None:
@@ -400,23 +513,31 @@ def wait_for_run(host: str, run_id: str, *, poll_s: float = 10.0, timeout_s: flo
         time.sleep(poll_s)
 
 
-def schedule(host: str, *, cron: str, params_file: str | Path = "params.yaml", experiment: str = "vidistill",
-             job_name: str = "vidistill-nightly", package: str | Path = COMPILED) -> Any:
-    """Create a Kubeflow recurring run of the compiled pipeline (6-field cron, seconds first).
+def schedule(host: str, params: dict[str, Any], *, cron: str, experiment: str = "vidistill",
+             job_name: str = "vidistill-nightly") -> Any:
+    """Create a Kubeflow recurring run (6-field cron, seconds first) of the pipeline `submit` would send.
 
-    One run at a time (`max_concurrency=1`) and no catch-up of missed runs. The runs keep the compiled
+    The package is compiled here from `params` (resolved and checked by `resolve_params`, like a run's), so
+    a scheduled run gets the same images, cluster settings and parameters as `pipeline run --host`. One
+    run at a time (`max_concurrency=1`) and no catch-up of missed runs. The runs keep the compiled
     `code_version` default (the image tag), so the cluster's cache follows the images.
+
+    Raises:
+        ConfigError: a cron expression without 6 fields.
+        SubmitError: the API is unreachable, behind a login, too old, or refuses the recurring run.
     """
+    import tempfile
+
     fields = cron.split()
     if len(fields) != 6:
         raise ConfigError(f"--cron must have 6 fields (seconds first, e.g. '0 0 2 * * *' = 02:00 daily), got {cron!r}")
     from vidistill_pipeline.dag import pipeline_arguments
 
-    package = Path(package)
-    if not package.exists():
-        compile_pipeline(package, params_file=params_file)
-    client = kfp_client(host)
-    exp = client.create_experiment(experiment)
-    return client.create_recurring_run(
-        experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron, max_concurrency=1, no_catchup=True,
-        pipeline_package_path=str(package), params=pipeline_arguments(load_params(params_file)))
+    check_backend(host)
+    with tempfile.TemporaryDirectory() as tmp, kfp_errors(host, "creating the recurring run"):
+        package = compile_package(params, Path(tmp) / "pipeline.yaml")
+        client = kfp_client(host)
+        exp = client.create_experiment(experiment)
+        return client.create_recurring_run(
+            experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron, max_concurrency=1,
+            no_catchup=True, pipeline_package_path=str(package), params=pipeline_arguments(params))

@@ -39,7 +39,11 @@ PLURAL = "trainjobs"
 KIND = "TrainJob"
 RUNTIME = "vidistill-torch"  # the ClusterTrainingRuntime in k8s/base/trainer-runtime.yaml
 POD_JOB_LABEL = "jobset.sigs.k8s.io/jobset-name"  # JobSet labels every pod with its JobSet (= TrainJob) name
-MLFLOW_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# what every pipeline task and TrainJob reads from the MLflow client ConfigMap (k8s/base/mlflow.yaml creates it)
+# and from the credentials Secret, which is optional: MLflow as k8s/base deploys it has no login, and a pod
+# must start without that Secret
+MLFLOW_CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 class TrainJobFailed(RuntimeError):
@@ -71,7 +75,8 @@ class TrainJobConfig:
         image: the trainer image (the project's CUDA image).
         workspace: the shared data volume as the launcher pod mounts it.
         pod_workspace: the same volume as the runtime mounts it in the trainer pods (their working dir).
-        mlflow_secret: the Secret holding MLFLOW_TRACKING_URI/USERNAME/PASSWORD (referenced, never copied).
+        mlflow_config: the ConfigMap holding MLFLOW_TRACKING_URI.
+        mlflow_secret: the optional Secret holding MLflow credentials (referenced, never copied).
         poll_s: seconds between status reads.
         timeout_s: give up following after this long (0 = never); the TrainJob keeps running.
         log_lines: lines of each pod's log reported on failure.
@@ -86,7 +91,8 @@ class TrainJobConfig:
     image: str = ""
     workspace: str = "/data"
     pod_workspace: str = "/workspace"
-    mlflow_secret: str = "vidistill-mlflow"
+    mlflow_config: str = "vidistill-mlflow-client"
+    mlflow_secret: str = "vidistill-mlflow-auth"
     poll_s: float = 15.0
     timeout_s: float = 0.0
     log_lines: int = 50
@@ -108,7 +114,8 @@ class TrainJobConfig:
 def config_from_env(environ: dict[str, str] | None = None) -> TrainJobConfig:
     """The TrainJob's size and placement at compile time, from the cluster overlay's `pipeline.env`
     (k8s/overlays/*/pipeline.env): VIDISTILL_TRAINJOB_NODES, VIDISTILL_TRAINJOB_GPUS_PER_NODE,
-    VIDISTILL_TRAINJOB_CPU, VIDISTILL_TRAINJOB_MEMORY, VIDISTILL_NAMESPACE, VIDISTILL_DATA_MOUNT;
+    VIDISTILL_TRAINJOB_CPU, VIDISTILL_TRAINJOB_MEMORY, VIDISTILL_NAMESPACE, VIDISTILL_DATA_MOUNT,
+    VIDISTILL_MLFLOW_CONFIG, VIDISTILL_MLFLOW_SECRET;
     the image is the project's CUDA image. Raises `ValueError` naming a bad value."""
     import os
 
@@ -118,7 +125,8 @@ def config_from_env(environ: dict[str, str] | None = None) -> TrainJobConfig:
     data: dict[str, Any] = {"image": CUDA_IMAGE}
     for var, key, kind in (("VIDISTILL_TRAINJOB_NODES", "nodes", int), ("VIDISTILL_TRAINJOB_GPUS_PER_NODE", "gpus_per_node", int),
                            ("VIDISTILL_TRAINJOB_CPU", "cpu", str), ("VIDISTILL_TRAINJOB_MEMORY", "memory", str),
-                           ("VIDISTILL_NAMESPACE", "namespace", str), ("VIDISTILL_DATA_MOUNT", "workspace", str)):
+                           ("VIDISTILL_NAMESPACE", "namespace", str), ("VIDISTILL_DATA_MOUNT", "workspace", str),
+                           ("VIDISTILL_MLFLOW_CONFIG", "mlflow_config", str), ("VIDISTILL_MLFLOW_SECRET", "mlflow_secret", str)):
         if env.get(var):
             try:
                 data[key] = kind(env[var])
@@ -156,9 +164,9 @@ def build_trainjob(cfg: TrainJobConfig, *, name: str, modality: str, folder: str
             f"--modality={modality}", f"--clips={folder}/clips", f"--out={folder}/out", "--device=cuda", "--resume"]
     if flow:
         argv.append(f"--flow={folder}/flow")
-    env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": cfg.mlflow_secret, "key": key,
-                                                        **({"optional": True} if key != "MLFLOW_TRACKING_URI" else {})}}}
-           for key in MLFLOW_KEYS]
+    env = [{"name": key, "valueFrom": {"configMapKeyRef": {"name": cfg.mlflow_config, "key": key}}} for key in MLFLOW_CONFIG_KEYS]
+    env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": cfg.mlflow_secret, "key": key, "optional": True}}}
+            for key in MLFLOW_SECRET_KEYS]
     resources = {"cpu": cfg.cpu, "memory": cfg.memory, "nvidia.com/gpu": str(cfg.gpus_per_node)}
     trainer: dict[str, Any] = {
         # torchrun reads --nnodes, --nproc-per-node, --node-rank and the rendezvous address from the

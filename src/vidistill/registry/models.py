@@ -202,7 +202,8 @@ def resolve(model_uri: str) -> Any:
     """The registered model version a `models:/` URI names, in every form MLflow accepts.
 
     Forms: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME/latest` (the highest existing
-    version), `models:/NAME/STAGE` (deprecated stages: the latest version in that stage).
+    version), `models:/NAME/STAGE` (deprecated stages: the latest version in that stage), and MLflow 3's
+    logged-model URI `models:/m-MODEL_ID` (the registered version made from that logged model).
 
     Raises:
         ValueError: a malformed URI, or a model, version, alias or stage that does not exist (one line
@@ -214,11 +215,12 @@ def resolve(model_uri: str) -> Any:
         parsed = _parse_model_uri(model_uri)
     except MlflowException:
         parsed = None
-    if parsed is None or parsed.model_id is not None:
-        raise ValueError(
-            f"expected a registry URI models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest, got {model_uri!r}"
-        )
+    if parsed is None:
+        raise ValueError(f"expected a registry URI models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest or "
+                         f"models:/m-MODEL_ID, got {model_uri!r}")
     c = client()
+    if parsed.model_id is not None:
+        return _version_of_logged_model(c, parsed.model_id)
     name = parsed.name
     reg = _registered(c, name)
     if parsed.version is not None:
@@ -243,6 +245,22 @@ def resolve(model_uri: str) -> Any:
     if not existing:
         raise ValueError(f"{name!r} has no versions left; register one with `vidistill register`")
     return c.get_model_version(name, existing[-1])
+
+
+def _version_of_logged_model(c: Any, model_id: str) -> Any:
+    """The registered version whose source is MLflow 3's logged model `model_id` (`models:/m-...`)."""
+    try:
+        logged = c.get_logged_model(model_id)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ValueError(f"no logged model {model_id!r} in the tracking server; copy the id from the model's page") from None
+    run = logged.source_run_id
+    versions = [mv for mv in c.search_model_versions(f"run_id = '{run}'") if getattr(mv, "model_id", None) == model_id] if run else []
+    if not versions:
+        raise ValueError(f"logged model {model_id!r} ({logged.name!r}) is not a registered version; serve a registered one "
+                         "(models:/NAME@champion) or register it with `vidistill register`")
+    return max(versions, key=lambda v: int(v.version))
 
 
 def _metric(version: Any, metric: str) -> float:

@@ -59,9 +59,10 @@ class MlflowServer:
     """
 
     def __init__(self, db: str | Path, artifacts: str | Path, *, log: str | Path | None = None,
-                 serve_artifacts: bool = True) -> None:
+                 serve_artifacts: bool = True, allowed_hosts: str | None = None) -> None:
         """`serve_artifacts=False` stores artifact locations as plain paths under `artifacts`, so clients
-        that open the same SQLite file directly (the CLI without a server) can read and write them too."""
+        that open the same SQLite file directly (the CLI without a server) can read and write them too.
+        `allowed_hosts`: the server's `--allowed-hosts` (None: MLflow's default, localhost names)."""
         db, artifacts = Path(db).resolve(), Path(artifacts).resolve()
         db.parent.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -70,6 +71,8 @@ class MlflowServer:
         # percent-encoded locations: a folder may be named "my runs", "100%", "a?b" or "#1"
         cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
                "--backend-store-uri", "sqlite:///" + quote(str(db)), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        if allowed_hosts is not None:
+            cmd += ["--allowed-hosts", allowed_hosts]
         if serve_artifacts:
             cmd += ["--artifacts-destination", artifacts.as_uri()]
         else:

@@ -36,7 +36,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlparse
 
 import mlflow
 from mlflow import MlflowClient
@@ -44,7 +44,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from vidistill.config import flatten
-from vidistill.errors import ConfigError
+from vidistill.errors import ConfigError, UserError
 from vidistill.interrupts import deferred
 
 PARENT_ENV = "VIDISTILL_PARENT_RUN_ID"
@@ -59,6 +59,10 @@ _PARAM_MAX_CHARS = 6000
 PROJECT_MARKERS = ("params.yaml", "dvc.yaml", ".dvc")
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+class TrackingServerError(UserError):
+    """No MLflow server answers at the tracking URI."""
+
+
 _ready: set[str] = set()  # sqlite stores whose schema this process has checked under the lock
 
 
@@ -95,6 +99,73 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(unquote(uri.removeprefix("sqlite:///").split("?")[0]))
 
 
+# MLflow's own default (7 retries, backoff factor 2) keeps a command waiting 254 s on a server that is down
+DEFAULT_HTTP_RETRIES = "3"
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, when no MLflow server answers at `uri` (any HTTP answer passes: what it
+    says about credentials or hosts comes with the first real request, see `tracking_error_message`).
+    Also lowers MLflow's HTTP retries to `DEFAULT_HTTP_RETRIES` unless MLFLOW_HTTP_REQUEST_MAX_RETRIES is set.
+
+    Raises:
+        TrackingServerError: nothing answers at `uri` (refused, unknown host, timeout).
+    """
+    import requests
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", DEFAULT_HTTP_RETRIES)
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout, allow_redirects=False)
+    except requests.exceptions.RequestException as e:
+        raise TrackingServerError(f"no MLflow server answers at {uri} ({_reason(e)}); start it, or point "
+                                  "MLFLOW_TRACKING_URI at one (on the cluster: kubectl -n vidistill port-forward "
+                                  "svc/mlflow 5000:5000, then http://localhost:5000)") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The last, most specific part of a requests/urllib3 error chain, in a few words."""
+    text = " ".join(str(exc).split())
+    for marker in ("Failed to resolve", "Connection refused", "timed out", "Name or service not known",
+                   "No route to host", "certificate verify failed"):
+        if marker in text:
+            return marker.lower()
+    return type(exc).__name__
+
+
+def tracking_error_message(exc: BaseException) -> str | None:
+    """One line saying what an MLflow client error means and what to do, or None when `exc` is not one.
+
+    Covers an unreachable server, 401 (missing or wrong credentials), 403 "Invalid Host header" (the
+    server's --allowed-hosts does not list the host in the URI, e.g. a port-forward on another local
+    port), other 403s, and MLflow's own errors (their message, on one line).
+    """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, TrackingServerError):
+        return str(exc)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    text = " ".join(str(exc).split())
+    if isinstance(exc, requests.exceptions.RequestException) or (
+            isinstance(exc, MlflowException) and ("Max retries exceeded" in text or "failed with exception" in text)):
+        return (f"the MLflow server at {uri} cannot be reached ({_reason(exc)}); start it or point MLFLOW_TRACKING_URI "
+                "at one")
+    if not isinstance(exc, MlflowException):
+        return None
+    if "Invalid Host header" in text:
+        host = urlparse(uri).netloc
+        return (f"the MLflow server at {uri} refuses the Host header {host!r} (its --allowed-hosts does not list it): "
+                "use a host it lists (kubectl -n vidistill port-forward svc/mlflow 5000:5000 and http://localhost:5000) "
+                "or add it to --allowed-hosts in k8s/base/mlflow.yaml")
+    if "error code 401" in text or "401 Client Error" in text:
+        return (f"the MLflow server at {uri} wants credentials (401 Unauthorized): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN (on the cluster: Secret vidistill-mlflow-auth)")
+    if "error code 403" in text or "403 Client Error" in text:
+        return (f"the MLflow server at {uri} forbids this request (403 Forbidden): the user in MLFLOW_TRACKING_USERNAME "
+                "lacks the permission; ask an MLflow admin")
+    return f"MLflow: {text[:400]}"
+
+
 def tracking_uri() -> str:
     """The MLflow tracking URI: `$MLFLOW_TRACKING_URI`, or the project's `sqlite:///<project>/mlflow.db`
     (`project_root`, absolute and percent-encoded)."""
@@ -114,16 +185,22 @@ def _store_lock(uri: str) -> Any:
 def client() -> MlflowClient:
     """An `MlflowClient` on `tracking_uri()`; also points the fluent API (`mlflow.*`) there.
 
+    For a server (http/https), the first call in a process checks that it answers (`check_server`).
+
     For a SQLite store, the first call in a process creates (or migrates) its schema under the store's
     file lock, so processes starting at once on a fresh store never race MLflow's table creation.
 
     Raises:
         vidistill.errors.OutputError: the folder of a SQLite store cannot be written.
+        TrackingServerError: no server answers at an http(s) tracking URI.
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     db = sqlite_path(uri)
+    if uri.startswith(("http://", "https://")) and uri not in _ready:
+        check_server(uri)
+        _ready.add(uri)
     if db is None or uri in _ready:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
     from vidistill.outputs import check_writable

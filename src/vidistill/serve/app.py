@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
+import re
 import shutil
 import socket
 import tempfile
@@ -180,6 +182,7 @@ class ServerState:
     runner: Runner
     metrics: ServerMetrics
     ready: bool = True
+    threads: int | None = None  # ONNX Runtime intra-op threads of every session this server opens
 
     def check_model(self, name: str, version: str | None) -> None:
         """404 unless `name` (and `version`, when given) is the served model."""
@@ -190,6 +193,43 @@ class ServerState:
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "vidistill", "version": __version__, "extensions": EXTENSIONS}
+
+
+_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+log = logging.getLogger("vidistill.serve")
+
+
+async def watch_alias(state: ServerState, period_s: float) -> None:
+    """Follow the registry alias the served model came from (`models:/NAME@champion`) and swap in the
+    version it names when it moves: how a promotion (or rollback) reaches a running predictor without a
+    restart (k8s/base/serving.yaml runs the server with `--watch`). The new version is downloaded and its
+    session opened beside the old one, then swapped between two requests; a failed look-up or load keeps
+    serving the current version and is logged (one line), to be tried again next period.
+
+    Args:
+        state: the server's state; `state.model.source` is the alias URI.
+        period_s: seconds between look-ups.
+    """
+    from vidistill.registry.models import resolve
+
+    uri = state.model.source
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            mv = await asyncio.to_thread(resolve, uri)
+            if str(mv.version) == state.model.version:
+                continue
+            new = await asyncio.to_thread(load_model, uri, name=state.model.name, threads=state.threads)
+        except Exception as e:  # the registry may be down for a while: keep serving what we have
+            log.warning("watch %s: %s: %s (still serving version %s)", uri, type(e).__name__, " ".join(str(e).split()),
+                        state.model.version)
+            continue
+        old = state.model
+        state.metrics.model_info.labels(old.name, old.version, old.source).set(0)
+        state.metrics.model_info.labels(new.name, new.version, new.source).set(1)
+        state.metrics.load_seconds.set(new.load_seconds)
+        state.model = new
+        log.warning("watch %s: now serving version %s (was %s)", uri, new.version, old.version)
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -267,6 +307,7 @@ def create_app(
     max_wait_ms: float = 5.0,
     grpc_host: str = "127.0.0.1",
     grpc_port: int | None = None,
+    watch_s: float | None = None,
 ) -> FastAPI:
     """Build the REST app serving `model`; with `grpc_port`, its lifespan also runs the gRPC server.
 
@@ -278,10 +319,14 @@ def create_app(
         max_wait_ms: how long the first request of a batch waits for others.
         grpc_host: gRPC bind address.
         grpc_port: gRPC port (None: no gRPC; 0: a free port, see `app.state.grpc_port`).
+        watch_s: for a model loaded from `models:/NAME@ALIAS`, look the alias up every `watch_s` seconds
+            and serve the version it names once it moves (`watch_alias`); None: never.
 
     Raises:
         ValueError: a setting out of range.
     """
+    if watch_s is not None and not (watch_s > 0 and _ALIAS_URI.match(model.source)):
+        raise ValueError(f"watching needs a models:/NAME@ALIAS model and a period > 0 s; got {model.source!r}, {watch_s}")
     if not max_body_mb > 0 or max_batch < 1 or not max_wait_ms >= 0:
         raise ValueError(f"need max_body_mb > 0, max_batch >= 1, max_wait_ms >= 0; got {max_body_mb}, {max_batch}, {max_wait_ms}")
     if grpc_port is not None and not 0 <= grpc_port <= 65535:
@@ -290,8 +335,10 @@ def create_app(
     metrics = ServerMetrics.create()
     metrics.load_seconds.set(model.load_seconds)
     metrics.model_info.labels(model.name, model.version, model.source).set(1)
-    runner = Runner(model.run, metrics, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    state = ServerState(model=model, runner=runner, metrics=metrics)
+    state = ServerState(model=model, runner=None, metrics=metrics)  # type: ignore[arg-type]
+    # the runner calls whichever model is current, so a reload (`watch_s`) swaps it between two requests
+    runner = Runner(lambda x: state.model.run(x), metrics, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    state.runner = runner
     prep = PrepConfig()
     pre = {
         "stride": prep.stride, "short_side": prep.short_side, "short_policy": prep.short_policy,
@@ -301,6 +348,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runner.start()
+        watcher = asyncio.get_running_loop().create_task(watch_alias(state, watch_s)) if watch_s else None
         grpc_server = None
         if grpc_port is not None:
             from vidistill.serve.grpc_server import create_grpc_server
@@ -310,12 +358,13 @@ def create_app(
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if grpc_server is not None:
                 await grpc_server.stop(grace=2)
             await runner.stop()
 
     app = FastAPI(title="vidistill", version=__version__, lifespan=lifespan)
-    app.state.model = model
     app.state.server = state
     app.state.grpc_port = None
 
@@ -354,7 +403,7 @@ def create_app(
 
     async def model_metadata(name: str, version: str | None = None) -> Response:
         state.check_model(name, version)
-        return _json(model.metadata())
+        return _json(state.model.metadata())
 
     async def model_ready(name: str, version: str | None = None) -> Response:
         state.check_model(name, version)
@@ -362,6 +411,7 @@ def create_app(
 
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         state.check_model(name, version)
+        model = state.model
         body = await read_body(request, limit)
         req = parse_rest(body, request.headers.get(INFERENCE_HEADER), model.inputs, model.outputs)
         outs = await runner(req.x)
@@ -372,6 +422,7 @@ def create_app(
 
     async def classify(name: str, request: Request, top_k: int = 5, clips: int | None = None, version: str | None = None) -> Response:
         state.check_model(name, version)
+        model = state.model
         if top_k < 1:
             raise ProtocolError(400, f"top_k must be >= 1, got {top_k}")
         n_clips = pre["clips"] if clips is None else clips
@@ -443,6 +494,7 @@ def serve(
     max_wait_ms: float = 5.0,
     threads: int | None = None,
     log_level: str = "warning",
+    watch_s: float | None = None,
 ) -> None:
     """Load `model` and serve it over REST (uvicorn) and gRPC until interrupted.
 
@@ -456,8 +508,10 @@ def serve(
         batching: dynamic batching of concurrent infer requests (REST and gRPC).
         max_batch: clips per gathered batch.
         max_wait_ms: batching window.
-        threads: ONNX Runtime intra-op threads (None: ORT default).
+        threads: ONNX Runtime intra-op threads (None: the cgroup's CPU quota, else ORT's default).
         log_level: uvicorn log level.
+        watch_s: with `models:/NAME@ALIAS`, serve the version the alias names, looked up every `watch_s`
+            seconds (a promotion reaches the server without a restart); None: load once.
 
     Raises:
         ValueError: a bad setting or a model that cannot be resolved, before anything is loaded or bound.
@@ -476,9 +530,13 @@ def serve(
     for what, flag, p in (("REST", "--port", port), ("gRPC", "--grpc-port", grpc_port)):
         if p is not None:
             _check_free(host, p, what, flag)
+    if watch_s is not None and not (watch_s > 0 and _ALIAS_URI.match(model)):
+        raise ValueError(f"--watch follows a registry alias: pass --model models:/NAME@ALIAS (got {model!r}) and a period "
+                         f"> 0 s (got {watch_s})")
     loaded = load_model(model, name=name, threads=threads)
     app = create_app(
         loaded, max_body_mb=max_body_mb, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
-        grpc_host=host, grpc_port=grpc_port,
+        grpc_host=host, grpc_port=grpc_port, watch_s=watch_s,
     )
+    app.state.server.threads = threads
     uvicorn.run(app, host=host, port=port, log_level=log_level)

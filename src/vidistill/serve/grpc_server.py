@@ -107,7 +107,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def fn() -> Any:
-            self._check_model(request.name, request.version)
+            # Triton (the reference) answers ready: false for a model or version it does not serve, and
+            # tritonclient's is_model_ready expects that, not NOT_FOUND
+            try:
+                self._check_model(request.name, request.version)
+            except ProtocolError as e:
+                if e.status != 404:
+                    raise
+                return service_pb2.ModelReadyResponse(ready=False)
             return service_pb2.ModelReadyResponse(ready=self.state.ready)
 
         return await self._answer("ModelReady", context, fn)

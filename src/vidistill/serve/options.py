@@ -25,7 +25,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", action="store_true", help="dynamic batching of concurrent infer requests (REST and gRPC)")
     p.add_argument("--max-batch", type=int, default=16, help="clips per gathered batch (with --batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="batching window in ms (with --batching)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads (default: the container's CPU quota, else ORT's default)")
+    p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                   help="with --model models:/NAME@ALIAS: look the alias up every SECONDS and serve the version it "
+                        "names once it moves (a promotion or rollback reaches the server without a restart)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level (default: warning)")
 
@@ -37,7 +41,7 @@ def serve_from_args(a: argparse.Namespace) -> None:
     serve(
         a.model, host=a.host, port=a.port, grpc_port=None if a.no_grpc else a.grpc_port, name=a.name,
         max_body_mb=a.max_body_mb, batching=a.batching, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
-        threads=a.threads, log_level=a.log_level,
+        threads=a.threads, log_level=a.log_level, watch_s=a.watch,
     )
 
 
@@ -48,8 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         serve_from_args(a)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"vidistill serve: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a user's error is one line; a bug keeps its traceback
+        from vidistill.registry.tracking import tracking_error_message
+
+        message = tracking_error_message(e) or (str(e) if isinstance(e, (ValueError, FileNotFoundError, OSError)) else None)
+        if message is None:
+            raise
+        print(f"vidistill serve: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0

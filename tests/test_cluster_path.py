@@ -1,0 +1,150 @@
+"""Issue 25: the production path's field failures, one test each (the cluster rehearsal itself is
+tests/test_rehearsal.py). The Kubeflow Pipelines API server cannot run here: `KfpApiStandIn` (a small HTTP
+server answering kfp.Client's v2beta1 calls, and playing a Dex login page or a KFP 1.8 backend) stands in for
+it. MLflow, ONNX Runtime, tritonclient and the server are real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kfp_api_standin import KfpApiStandIn
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def vidistill(*argv: str, env: dict | None = None, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "vidistill"), *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+# --- 5. schedule sends what run --host sends, with the same checks -------------------------------
+
+
+def test_schedule_compiles_with_this_environment_and_checks_params(tmp_path):
+    env = {"VIDISTILL_IMAGE_REGISTRY": "registry.example.com/team", "VIDISTILL_IMAGE_TAG": "nightly-7"}
+    stale = tmp_path / "pipeline.yaml"  # a committed package with other images must not be what is scheduled
+    stale.write_text((ROOT / "pipeline.yaml").read_text())
+    with KfpApiStandIn() as api:
+        done = vidistill("pipeline", "schedule", "--host", api.url, "--cron", "0 0 2 * * *", "--params",
+                         str(ROOT / "params.yaml"), "--set", "teach.train.epochs=3", env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        (job,) = api.recurring
+    spec = job["pipeline_spec"]["pipeline_spec"]
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images and all(i.startswith("registry.example.com/team/vidistill:nightly-7-") for i in images), images
+    assert job["runtime_config"]["parameters"]["teach_params"]["train"]["epochs"] == 3
+    assert job["max_concurrency"] in ("1", 1) and job["no_catchup"] is True
+    with KfpApiStandIn() as api:  # a bad parameter or method: refused before the server hears of it
+        for bad in ("teach.train.epochs=-3", "pipeline.methods=[no-such-method]"):
+            done = vidistill("pipeline", "schedule", "--host", api.url, "--cron", "0 0 2 * * *", "--params",
+                             str(ROOT / "params.yaml"), "--set", bad, cwd=tmp_path)
+            assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert api.requests == [] and api.recurring == []
+
+
+# --- 6. submitting: one line and a non-zero exit for every failure; Kubeflow's login -------------------
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("login", "answered with a login page"),
+    ("kfp-1.8", "has no v2 API (version 1.8.5)"),
+    ("2.2.0", "is 2.2.0; vidistill's pipeline needs >= 2.16.0"),
+])
+def test_submit_refuses_in_one_line(backend, expected):
+    with KfpApiStandIn(backend=backend) as api:
+        done = vidistill("pipeline", "run", "--host", api.url, "--params", str(ROOT / "params.yaml"))
+        assert not api.created_runs()
+    assert done.returncode == 2 and expected in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_submit_to_a_mistyped_host_is_one_line():
+    done = vidistill("pipeline", "run", "--host", "http://127.0.0.1:9", "--params", str(ROOT / "params.yaml"))
+    assert done.returncode == 2 and "no Kubeflow Pipelines API answers at http://127.0.0.1:9" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_submit_behind_a_login_sends_the_cookie_or_token():
+    """Kubeflow behind Dex: the session cookie (or a token) from the environment reaches every request."""
+    with KfpApiStandIn() as api:
+        done = vidistill("pipeline", "run", "--host", api.url, "--params", str(ROOT / "params.yaml"),
+                         env={"VIDISTILL_KFP_COOKIES": "authservice_session=s3cr3t", "VIDISTILL_KFP_TOKEN": "t0ken"})
+        assert done.returncode == 0, done.stderr
+        headers = [{k.lower(): v for k, v in r["headers"].items()} for r in api.requests]
+        assert len(headers) >= 3 and all(h.get("cookie") == "authservice_session=s3cr3t" for h in headers)
+        assert all(h.get("authorization") == "Bearer t0ken" for h in headers)
+    assert "s3cr3t" not in done.stdout + done.stderr and "t0ken" not in done.stdout + done.stderr
+
+
+# --- 8. MLflow errors are one line -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded_mlflow(tmp_path_factory):
+    """A real MLflow server that accepts only the Host header `mlflow.example:5000` (port-forward case)."""
+    from vidistill.registry.server import MlflowServer
+
+    work = tmp_path_factory.mktemp("mlflow")
+    with MlflowServer(work / "m.db", work / "artifacts", allowed_hosts="mlflow.example:5000") as server:
+        yield server.uri
+
+
+def test_mlflow_failures_are_one_line(guarded_mlflow):
+    from vidistill.registry.server import free_port
+
+    for uri, expected in ((guarded_mlflow, "refuses the Host header"),
+                          ("http://127.0.0.1:9", "no MLflow server answers at http://127.0.0.1:9")):
+        for argv in (["promote", "--model-name", "m", "--version", "1"], ["rollback", "--model-name", "m"],
+                     ["serve", "--model", "models:/m@champion", "--port", str(free_port()), "--no-grpc"]):
+            done = vidistill(*argv, env={"MLFLOW_TRACKING_URI": uri}, timeout=120)
+            assert done.returncode == 2 and expected in done.stderr, (argv, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_tracking_error_messages():
+    from mlflow.exceptions import MlflowException
+
+    from vidistill.registry.tracking import tracking_error_message
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    unauth = MlflowException("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed with error code 401 != 200")
+    assert "MLFLOW_TRACKING_USERNAME" in tracking_error_message(unauth)
+    assert "403 Forbidden" in tracking_error_message(MlflowException("failed with error code 403 != 200. Response body: ''"))
+    assert tracking_error_message(KeyError("x")) is None  # a bug keeps its traceback
+
+
+def test_demo_names_the_server_page_for_a_server_store(tmp_path):
+    from vidistill_pipeline.demo import mlflow_ui_hint
+
+    assert mlflow_ui_hint("http://127.0.0.1:5000", tmp_path) == "MLflow UI: http://127.0.0.1:5000"
+    assert "--backend-store-uri sqlite:///" in mlflow_ui_hint(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)
+
+
+# --- 9. ONNX Runtime threads follow the cgroup CPU quota --------------------------------------------
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "50000 100000\n"}, 1),  # limits.cpu 500m
+    ({"cpu.max": "200000 100000\n"}, 2),
+    ({"cpu.max": "max 100000\n"}, None),  # no limit: ORT's default
+    ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_threads_from_the_cgroup_quota(tmp_path, files, expected):
+    from vidistill.export.runtime import default_threads
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    got = default_threads(tmp_path)
+    assert got == (None if expected is None else min(expected, os.cpu_count() or 1))
