@@ -148,3 +148,37 @@ def test_threads_from_the_cgroup_quota(tmp_path, files, expected):
         (tmp_path / name).write_text(text)
     got = default_threads(tmp_path)
     assert got == (None if expected is None else min(expected, os.cpu_count() or 1))
+
+
+# --- 4. new videos reach prep: the dataset's fingerprint keys prep's cache ----------------------------
+
+
+def test_fingerprint_changes_with_the_videos_and_keys_prep(tmp_path):
+    from helpers_video import tiny_video
+
+    from vidistill.config import PrepConfig
+    from vidistill.data.layouts import parse_layout
+
+    root = tmp_path / "videos"
+    for cls in ("jump", "run"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            tiny_video(root / cls / f"{cls}_{i}.mp4", seed=i)
+    cfg = PrepConfig(dataset="folder", root=str(root))
+
+    def fingerprint() -> str:
+        return parse_layout(cfg).fingerprint()
+
+    first = fingerprint()
+    assert fingerprint() == first  # the same videos: the same key, so a rerun is served from the cache
+    (root / "wave").mkdir()
+    for i in range(2):
+        tiny_video(root / "wave" / f"wave_{i}.mp4", seed=5 + i)
+    with_class = fingerprint()
+    assert with_class != first
+    tiny_video(root / "run" / "run_0.mp4", frames=5, seed=9)  # a video rewritten in place
+    assert fingerprint() != with_class
+    # in the compiled pipeline, prep's tasks take the fingerprint of an uncached task as an input
+    spec = next(yaml.safe_load_all((ROOT / "pipeline.yaml").read_text()))
+    for comp in ("comp-prep-shard-op", "comp-prep-op"):
+        assert "data_fingerprint" in spec["components"][comp]["inputDefinitions"]["parameters"], comp

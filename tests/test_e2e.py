@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 
 def _tasks(methods: list[str]) -> list[str]:
     """Every task a local run shows, by its display name (the fan-out with its method)."""
-    return ["start-mlflow-run", "shard-plan", "prep-shard", "prep", "prep-source", "tvl1-flow-shard", "tvl1-flow",
+    return ["start-mlflow-run", "shard-plan", "prep-shard", "prep", "fingerprint-source", "prep-source", "tvl1-flow-shard", "tvl1-flow",
             "teach-rgb", "teach-flow", "pretrain-encoder", "two-stream", "experts", "masked-image-teacher",
             "masked-video-teacher", "masked-video-distillation", *(f"distill[{m}]" for m in methods), "comparison",
             "select-best", "export-onnx", "track-stages", "register-promote", "publish-report", "close-mlflow-run"]

@@ -543,8 +543,10 @@ def test_inference_service(overlay: tuple[str, list[Resource]]) -> None:
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "onnx" and model["protocolVersion"] == "v2"
-    m = re.fullmatch(r"pvc://([a-z0-9-]+)/(.+)", model["storageUri"])
-    assert m and find(resources, "PersistentVolumeClaim", m.group(1)), model["storageUri"]
+    # issue 25.3: the champion comes from the registry (nothing wrote the PVC path it used to serve)
+    assert "storageUri" not in model
+    uri = {e["name"]: e.get("value") for e in model["env"]}["VIDISTILL_MODEL_URI"]
+    assert re.fullmatch(r"models:/[A-Za-z0-9_.-]+@champion", uri), uri
     runtime = one(resources, "ServingRuntime", model["runtime"])
     assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
     assert {"name": "onnx", "version": "1", "autoSelect": True} in runtime["spec"]["supportedModelFormats"]
@@ -553,7 +555,10 @@ def test_inference_service(overlay: tuple[str, list[Resource]]) -> None:
     assert c["name"] == "kserve-container" and c["ports"][0]["containerPort"] == 8080
     argv = c["command"] + c["args"]
     assert argv[:3] == ["python", "-m", "vidistill.serve"]
-    assert argv[argv.index("--model") + 1] == "/mnt/models/model.onnx"  # KServe mounts storageUri at /mnt/models
+    assert argv[argv.index("--model") + 1] == "$(VIDISTILL_MODEL_URI)" and float(argv[argv.index("--watch") + 1]) > 0
+    env = {e["name"]: e["valueFrom"]["configMapKeyRef"] for e in c["env"]}
+    config = one(resources, "ConfigMap", env["MLFLOW_TRACKING_URI"]["name"])
+    assert config["data"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow.")
     assert argv[argv.index("--port") + 1] == "8080" and argv[argv.index("--host") + 1] == "0.0.0.0"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
 

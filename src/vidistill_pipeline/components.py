@@ -38,11 +38,11 @@ CUDA_IMAGE = f"{REGISTRY}/vidistill:{TAG}-cuda"
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def prep_op(params: dict, code_version: str, clips: Output[Dataset]):
+def prep_op(params: dict, code_version: str, clips: Output[Dataset], data_fingerprint: str = ""):
     """Decode videos into uint8 clip shards (`vidistill.stages.prep`).
 
-    `clips.metadata`: clips per split, skipped inputs, `data_hash`, `mlflow_run_id`. `code_version`
-    only keys the cache.
+    `clips.metadata`: clips per split, skipped inputs, `data_hash`, `mlflow_run_id`. `code_version` and
+    `data_fingerprint` (`fingerprint_op`: the videos as they are now) only key the cache.
     """
     import json
     from pathlib import Path

@@ -56,7 +56,14 @@ from vidistill_pipeline.components import (
     teach_op,
     track_stages_op,
 )
-from vidistill_pipeline.shards import flow_shard_op, merge_flow_op, merge_prep_op, prep_shard_op, shard_plan_op
+from vidistill_pipeline.shards import (
+    fingerprint_op,
+    flow_shard_op,
+    merge_flow_op,
+    merge_prep_op,
+    prep_shard_op,
+    shard_plan_op,
+)
 from vidistill_pipeline.trainjob import (
     MLFLOW_CONFIG_KEYS,
     MLFLOW_SECRET_KEYS,
@@ -149,12 +156,13 @@ def sharded_prep_flow(prep_params: Any, flow_params: Any, code: Any, shards: Any
     whose outputs `clips` and `flow` are the unsharded prep's and flow's."""
     plan = _cluster(shard_plan_op(params=prep_params, code_version=code, shards=shards), cache=False)
     plan.set_display_name("shard-plan")
-    with dsl.ParallelFor(plan.output) as shard:
-        part = compute(prep_shard_op(params=prep_params, code_version=code, shard=shard, shards=shards))
+    with dsl.ParallelFor(plan.outputs["shards"]) as shard:
+        part = compute(prep_shard_op(params=prep_params, code_version=code, data_fingerprint=plan.outputs["fingerprint"],
+                                     shard=shard, shards=shards))
         part.set_display_name("prep-shard")
     prep = compute(merge_prep_op(params=prep_params, code_version=code, parts=dsl.Collected(part.outputs["part"])))
     prep.set_display_name("prep")
-    with dsl.ParallelFor(plan.output) as shard:
+    with dsl.ParallelFor(plan.outputs["shards"]) as shard:
         piece = compute(flow_shard_op(params=flow_params, code_version=code, clips=prep.outputs["clips"], shard=shard,
                                       shards=shards), gpu=True).set_display_name("tvl1-flow-shard")
     flow = compute(merge_flow_op(params=flow_params, code_version=code, clips=prep.outputs["clips"],
@@ -184,7 +192,10 @@ def vidistill_dag(
     """The stage graph. Compute tasks get `code_version`, side effects `parent_run_id`."""
     code = code_version
     prep, flow = sharded_prep_flow(prep_params, flow_params, code, shards)  # scale-out: prep and flow over shards
-    src = compute(prep_op(params=source_prep_params, code_version=code)).set_display_name("prep-source")
+    # the source videos' fingerprint keys prep-source's cache, as shard-plan's does prep's (issue 25.4)
+    src_data = _cluster(fingerprint_op(params=source_prep_params), cache=False).set_display_name("fingerprint-source")
+    src = compute(prep_op(params=source_prep_params, code_version=code, data_fingerprint=src_data.output))
+    src.set_display_name("prep-source")
     rgb = teacher(params=teach_params, code_version=code, modality="rgb", clips=prep.outputs["clips"])
     rgb.set_display_name("teach-rgb")
     temporal = teacher(params=teach_params, code_version=code, modality="flow", clips=prep.outputs["clips"],

@@ -9,7 +9,7 @@ later task, cache key and data hash is the same for any number of shards; their 
 `flow`) carry the metadata `prep_op` gives, and the flow stage's (pairs, pairs/s, failed clips).
 """
 
-from typing import List
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -18,9 +18,13 @@ from vidistill_pipeline.components import CPU_IMAGE, CUDA_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def shard_plan_op(params: dict, code_version: str, shards: int) -> List[int]:
+def shard_plan_op(params: dict, code_version: str, shards: int) -> NamedTuple("Plan", shards=List[int], fingerprint=str):
     """Refuse a bad `shards` before work starts, list (and for `synthetic`, generate) the videos once,
-    and return the shard numbers `[0, ..., shards - 1]` to fan out over."""
+    and return the shard numbers `[0, ..., shards - 1]` to fan out over and the dataset's fingerprint
+    (`Layout.fingerprint`), which keys the cache of prep's tasks: never cached itself, so new, removed or
+    rewritten videos under the same root reach prep (issue 25.4)."""
+    from collections import namedtuple
+
     from vidistill.config import PrepConfig
     from vidistill.data.layouts import parse_layout
     from vidistill.data.shards import check_shard
@@ -30,13 +34,29 @@ def shard_plan_op(params: dict, code_version: str, shards: int) -> List[int]:
     cfg = from_dict(PrepConfig, params, where="prep.")
     cfg.validate()
     layout = parse_layout(cfg)
-    print(f"shard-plan: {len(layout.items)} videos over {shards} shard(s)")
-    return list(range(shards))
+    fingerprint = layout.fingerprint()
+    print(f"shard-plan: {len(layout.items)} videos of {len(layout.classes)} classes over {shards} shard(s), "
+          f"fingerprint {fingerprint}")
+    return namedtuple("Plan", ["shards", "fingerprint"])(list(range(shards)), fingerprint)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def prep_shard_op(params: dict, code_version: str, shard: int, shards: int, part: Output[Dataset]):
-    """Decode the videos of one shard (`vidistill.data.shards.prep_shard`); `part.metadata`: its summary."""
+def fingerprint_op(params: dict) -> str:
+    """The dataset's fingerprint (`Layout.fingerprint`; for `synthetic`, after generating its videos) for
+    an unsharded prep's cache key. Never cached."""
+    from vidistill.config import PrepConfig
+    from vidistill.data.layouts import parse_layout
+    from vidistill.schema import from_dict
+
+    cfg = from_dict(PrepConfig, params, where="prep.")
+    cfg.validate()
+    return parse_layout(cfg).fingerprint()
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def prep_shard_op(params: dict, code_version: str, data_fingerprint: str, shard: int, shards: int, part: Output[Dataset]):
+    """Decode the videos of one shard (`vidistill.data.shards.prep_shard`); `part.metadata`: its summary.
+    `code_version` and `data_fingerprint` only key the cache."""
     from vidistill.config import PrepConfig
     from vidistill.data.shards import prep_shard
     from vidistill.schema import from_dict
@@ -110,4 +130,4 @@ def merge_flow_op(params: dict, code_version: str, clips: Input[Dataset], parts:
 
 
 COMPUTE = (prep_shard_op, merge_prep_op, flow_shard_op, merge_flow_op)  # cached
-UNCACHED = (shard_plan_op,)  # cheap, and it must see the videos as they are now
+UNCACHED = (shard_plan_op, fingerprint_op)  # cheap, and they must see the videos as they are now

@@ -28,6 +28,8 @@ Supported layouts:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +66,25 @@ class Layout:
     def split(self, name: str) -> list[VideoItem]:
         """The items of split `name`, in layout order."""
         return [it for it in self.items if it.split == name]
+
+    def fingerprint(self) -> str:
+        """16 hex digits that change when the dataset does: a video added, removed, renamed, relabelled,
+        moved between splits, resized or rewritten (its size and modification time), a class added.
+
+        Cheap (a `stat` per video, no decoding or hashing of contents), so a pipeline can compute it on
+        every run outside its cache and key prep's cache with it (issue 25.4: a new class folder under the
+        same root was served from the cache and silently dropped). prep's own `manifest.json` keeps the
+        content hash (sha256 of every video) for lineage.
+        """
+        h = hashlib.sha256(json.dumps([self.dataset, self.classes]).encode())
+        for it in sorted(self.items, key=lambda i: i.relpath):
+            try:
+                st = (self.root / it.relpath).stat()
+                stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                stamp = "missing"
+            h.update(f"{it.relpath}\0{it.label}\0{it.split}\0{stamp}\n".encode())
+        return h.hexdigest()[:16]
 
 
 def _problem(file: Path | str, reason: str, line: int | None = None) -> dict[str, str]:
