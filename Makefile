@@ -21,7 +21,7 @@ SETUP_LOG := $(VENV)/setup.log
 # log's last lines are shown
 Q = run() { "$$@" >> $(SETUP_LOG) 2>&1 || { echo "[setup] failed: $$*"; tail -n 40 $(SETUP_LOG); exit 1; }; }; run
 
-.PHONY: setup demo test bench clean lint browser gpu-check gpu-check-wheels
+.PHONY: setup demo test bench clean lint browser gpu-check gpu-check-wheels rehearsal rehearsal-tools
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
@@ -47,8 +47,21 @@ browser:
 demo: setup
 	@$(VENV)/bin/vidistill demo --profile $(PROFILE)
 
-test: setup browser
+test: setup browser rehearsal-tools
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the cluster rehearsal (issue 25; scripts/rehearsal.py): the overlay rendered, PostgreSQL + MLflow as their
+# manifests run them, every pipeline task as its pod (bubblewrap), the predictor queried with tritonclient,
+# a new class rolled out. Needs bubblewrap, kubectl and PostgreSQL's server (Debian packages, installed
+# when missing and apt-get can run). tests/test_rehearsal.py runs the same script inside `make test`.
+rehearsal-tools:
+	@command -v bwrap >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bubblewrap postgresql || \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bubblewrap postgresql; }; } \
+	  >> $(SETUP_LOG) 2>&1 || echo "[setup] bubblewrap/postgresql could not be installed (see $(SETUP_LOG)); the rehearsal will say what is missing"
+
+rehearsal: setup rehearsal-tools
+	@$(PY) scripts/rehearsal.py
 
 bench: setup
 	$(VENV)/bin/vidistill bench prep

@@ -345,6 +345,9 @@ def test_env_expansions_refer_to_earlier_variables(overlay: tuple[str, list[Reso
                 known.add(env["name"])
             if where.startswith(("PyTorchJob", "TrainJob", "ClusterTrainingRuntime")):
                 known |= operator_env
+            if where.startswith("ServingRuntime"):  # KServe merges the InferenceService model's env into the runtime's
+                known |= {e["name"] for isvc in find(resources, "InferenceService")
+                          for e in isvc["spec"]["predictor"]["model"].get("env", [])}
             for arg in c.get("args", []) + c.get("command", []):
                 for var in re.findall(r"\$\((\w+)\)", arg):
                     assert var in known, f"{where}/{c['name']}: argument uses undefined $({var})"
@@ -419,7 +422,7 @@ def test_mlflow_server_command(base: list[Resource]) -> None:
     dep = one(base, "Deployment", "mlflow")
     env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     uri = env["MLFLOW_BACKEND_STORE_URI"]["value"]
-    assert uri.startswith("postgresql://") and "@postgres:5432/" in uri
+    assert uri.startswith("postgresql+psycopg2://") and "@postgres:5432/" in uri
     assert one(base, "ConfigMap", "vidistill-mlflow")["data"]["MLFLOW_ARTIFACTS_DESTINATION"]
     svc = one(base, "Service", "postgres")
     assert svc["spec"]["ports"][0]["port"] == 5432

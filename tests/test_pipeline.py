@@ -108,7 +108,7 @@ def test_every_task_mounts_data_reads_mlflow_config_and_runs_non_root(ir):
     spec, executors, _ = ir
     for name in spec["deploymentSpec"]["executors"]:
         k8s = executors[name]
-        assert k8s["pvcMount"][0]["mountPath"] == "/data" and k8s["pvcMount"][0]["constant"] == "vidistill-data"
+        assert k8s["pvcMount"][0]["mountPath"] == "/workspace" and k8s["pvcMount"][0]["constant"] == "vidistill-data"
         (config,) = k8s["configMapAsEnv"]
         assert config["configMapName"] == "vidistill-mlflow-client" and not config.get("optional")
         assert "MLFLOW_TRACKING_URI" in {e["envVar"] for e in config["keyToEnv"]}
@@ -152,7 +152,7 @@ def test_cache_keys_change_with_code_and_never_with_the_mlflow_run(ir):
     for name, task in _container_tasks(spec).items():
         ref = task["componentRef"]["name"]
         params = task["inputs"].get("parameters", {})
-        if ref in {_name(c) for c in components.SIDE_EFFECTS}:
+        if ref in {_name(c) for c in components.SIDE_EFFECTS + shards.UNCACHED}:
             continue
         assert "parent_run_id" not in params, f"{name} is cached but takes the per-run MLflow parent"
         if "params" in params:  # every stage that reads params.yaml also takes the code version
@@ -170,6 +170,7 @@ def test_outputs_are_typed(ir):
     assert params_out.pop("comp-export-op") == {"Output"} and params_out.pop("comp-shard-plan-op") == {"Output"}
     assert params_out.pop("comp-register-op") == {"Output"} and params_out.pop("comp-start-pipeline-run-op") == {"Output"}
     assert params_out.pop("comp-not-registered-op") == {"Output"}  # the registration outcome (JSON) for the report
+    assert params_out.pop("comp-fingerprint-op") == {"Output"}  # the source videos' fingerprint (prep's cache key)
     assert not any(params_out.values()), params_out
     artifacts = spec["components"]["comp-distill-op"]["outputDefinitions"]["artifacts"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in artifacts.items()} == {
@@ -250,7 +251,7 @@ def test_schedule_refuses_five_field_cron():
     from vidistill.config import ConfigError
 
     with pytest.raises(ConfigError, match="6 fields"):
-        runner.schedule("http://127.0.0.1:1", cron="0 2 * * *")
+        runner.schedule("http://127.0.0.1:1", {}, cron="0 2 * * *")
 
 
 def test_the_library_never_imports_the_orchestration():

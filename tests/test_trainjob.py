@@ -23,7 +23,15 @@ import yaml
 from kubernetes import client
 
 from vidistill_pipeline import trainjob
-from vidistill_pipeline.trainjob import TrainJobConfig, TrainJobFailed, build_trainjob, launch, run_teacher
+from vidistill_pipeline.trainjob import (
+    MLFLOW_CONFIG_KEYS,
+    MLFLOW_SECRET_KEYS,
+    TrainJobConfig,
+    TrainJobFailed,
+    build_trainjob,
+    launch,
+    run_teacher,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = f"/apis/{trainjob.GROUP}/{trainjob.VERSION}/namespaces/"
@@ -121,8 +129,7 @@ def api() -> Any:
     server.server_close()
 
 
-CFG = TrainJobConfig(nodes=3, gpus_per_node=4, cpu="12", memory="48Gi", namespace="team-a", image="reg/vidistill:1-cuda",
-                     mlflow_secret="vidistill-mlflow")
+CFG = TrainJobConfig(nodes=3, gpus_per_node=4, cpu="12", memory="48Gi", namespace="team-a", image="reg/vidistill:1-cuda")
 
 
 def test_trainjob_object() -> None:
@@ -144,8 +151,11 @@ def test_trainjob_object() -> None:
     assert getattr(args, "cfg:clips") == "trainjobs/abc/clips" and getattr(args, "cfg:flow") == "trainjobs/abc/flow"
     assert getattr(args, "cfg:out") == "trainjobs/abc/out" and args.params == "trainjobs/abc/params.yaml"
     env = {e["name"]: e for e in t["env"]}
-    assert set(env) == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
-    assert all("value" not in e and e["valueFrom"]["secretKeyRef"]["name"] == "vidistill-mlflow" for e in env.values())
+    assert set(env) == {*MLFLOW_CONFIG_KEYS, *MLFLOW_SECRET_KEYS} and "MLFLOW_TRACKING_URI" in MLFLOW_CONFIG_KEYS
+    # the URI from the ConfigMap k8s/base creates; credentials only from an optional Secret (issue 25.1)
+    assert all(env[k]["valueFrom"]["configMapKeyRef"]["name"] == "vidistill-mlflow-client" for k in MLFLOW_CONFIG_KEYS)
+    assert all(env[k]["valueFrom"]["secretKeyRef"] == {"name": "vidistill-mlflow-auth", "key": k, "optional": True}
+               for k in MLFLOW_SECRET_KEYS)
     rgb = build_trainjob(CFG, name="x", modality="rgb", folder="f", flow=False)
     assert not any(a.startswith("--flow") for a in rgb["spec"]["trainer"]["args"])
 

@@ -103,6 +103,7 @@ DATA_PVC, MLFLOW_CONFIG, MLFLOW_SECRET = _CLUSTER.data_pvc, _CLUSTER.mlflow_conf
 POOL = GPU_POOLS[_CLUSTER.gpu_pool]
 if _CLUSTER.gpu_type:
     POOL = replace(POOL, node_value=_CLUSTER.gpu_type)
+DATA_MOUNT = "/workspace"  # docker/Dockerfile.*: WORKDIR /workspace
 # the images run as this user (docker/Dockerfile.*: USER 10001), and Pod Security "restricted" wants it said
 RUN_AS_USER = 10001
 
@@ -111,7 +112,9 @@ def _cluster(task: dsl.PipelineTask, *, cache: bool, gpu: bool = False) -> dsl.P
     """Caching and cluster settings of a task (the cluster ones are no-ops under kfp.local, present in the IR)."""
     task.set_caching_options(cache)
     task.set_cpu_request("1").set_memory_request("2G").set_cpu_limit("2").set_memory_limit("8G")
-    kubernetes.mount_pvc(task, pvc_name=DATA_PVC, mount_path="/data")
+    # the images' working directory: params.yaml's relative paths (data/videos, data/clips, runs/...) land on
+    # the shared volume, as they do in the teacher TrainJobs and as they do locally in the checkout
+    kubernetes.mount_pvc(task, pvc_name=DATA_PVC, mount_path=DATA_MOUNT)
     kubernetes.use_config_map_as_env(task, config_map_name=MLFLOW_CONFIG,
                                      config_map_key_to_env={k: k for k in MLFLOW_CONFIG_KEYS})
     kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env={k: k for k in MLFLOW_SECRET_KEYS},
@@ -156,14 +159,14 @@ def sharded_prep_flow(prep_params: Any, flow_params: Any, code: Any, shards: Any
     whose outputs `clips` and `flow` are the unsharded prep's and flow's."""
     plan = _cluster(shard_plan_op(params=prep_params, code_version=code, shards=shards), cache=False)
     plan.set_display_name("shard-plan")
-    with dsl.ParallelFor(plan.outputs["shards"]) as shard:
-        part = compute(prep_shard_op(params=prep_params, code_version=code, data_fingerprint=plan.outputs["fingerprint"],
-                                     shard=shard, shards=shards))
+    with dsl.ParallelFor(plan.output) as item:  # the videos as they are now key prep's cache (issue 25.4)
+        part = compute(prep_shard_op(params=prep_params, code_version=code, data_fingerprint=item.fingerprint,
+                                     shard=item.shard, shards=shards))
         part.set_display_name("prep-shard")
     prep = compute(merge_prep_op(params=prep_params, code_version=code, parts=dsl.Collected(part.outputs["part"])))
     prep.set_display_name("prep")
-    with dsl.ParallelFor(plan.outputs["shards"]) as shard:
-        piece = compute(flow_shard_op(params=flow_params, code_version=code, clips=prep.outputs["clips"], shard=shard,
+    with dsl.ParallelFor(plan.output) as item:
+        piece = compute(flow_shard_op(params=flow_params, code_version=code, clips=prep.outputs["clips"], shard=item.shard,
                                       shards=shards), gpu=True).set_display_name("tvl1-flow-shard")
     flow = compute(merge_flow_op(params=flow_params, code_version=code, clips=prep.outputs["clips"],
                                  parts=dsl.Collected(piece.outputs["part"]))).set_display_name("tvl1-flow")

@@ -9,7 +9,7 @@ later task, cache key and data hash is the same for any number of shards; their 
 `flow`) carry the metadata `prep_op` gives, and the flow stage's (pairs, pairs/s, failed clips).
 """
 
-from typing import List, NamedTuple
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -18,13 +18,13 @@ from vidistill_pipeline.components import CPU_IMAGE, CUDA_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def shard_plan_op(params: dict, code_version: str, shards: int) -> NamedTuple("Plan", shards=List[int], fingerprint=str):
+def shard_plan_op(params: dict, code_version: str, shards: int) -> List[dict]:
     """Refuse a bad `shards` before work starts, list (and for `synthetic`, generate) the videos once,
-    and return the shard numbers `[0, ..., shards - 1]` to fan out over and the dataset's fingerprint
-    (`Layout.fingerprint`), which keys the cache of prep's tasks: never cached itself, so new, removed or
-    rewritten videos under the same root reach prep (issue 25.4)."""
-    from collections import namedtuple
-
+    and return the items to fan out over: `{"shard": i, "fingerprint": f}` for i in `[0, shards)`, where
+    `f` is the dataset's fingerprint (`Layout.fingerprint`), which keys the prep shards' cache. Never
+    cached itself, so new, removed or rewritten videos under the same root reach prep (issue 25.4). (The
+    fingerprint travels in the loop items: kfp.local 2.17 replaces any other task output given to a
+    ParallelFor body with the loop item.)"""
     from vidistill.config import PrepConfig
     from vidistill.data.layouts import parse_layout
     from vidistill.data.shards import check_shard
@@ -37,13 +37,14 @@ def shard_plan_op(params: dict, code_version: str, shards: int) -> NamedTuple("P
     fingerprint = layout.fingerprint()
     print(f"shard-plan: {len(layout.items)} videos of {len(layout.classes)} classes over {shards} shard(s), "
           f"fingerprint {fingerprint}")
-    return namedtuple("Plan", ["shards", "fingerprint"])(list(range(shards)), fingerprint)
+    return [{"shard": i, "fingerprint": fingerprint} for i in range(shards)]
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def fingerprint_op(params: dict) -> str:
-    """The dataset's fingerprint (`Layout.fingerprint`; for `synthetic`, after generating its videos) for
-    an unsharded prep's cache key. Never cached."""
+    """The dataset's fingerprint (`Layout.fingerprint`; for `synthetic`, after generating its videos), an
+    input of an unsharded prep that keys its cache: never cached itself, so new, removed or rewritten
+    videos under the same root reach prep (issue 25.4)."""
     from vidistill.config import PrepConfig
     from vidistill.data.layouts import parse_layout
     from vidistill.schema import from_dict

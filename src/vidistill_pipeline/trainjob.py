@@ -89,7 +89,7 @@ class TrainJobConfig:
     namespace: str = "vidistill"
     runtime: str = RUNTIME
     image: str = ""
-    workspace: str = "/data"
+    workspace: str = "/workspace"
     pod_workspace: str = "/workspace"
     mlflow_config: str = "vidistill-mlflow-client"
     mlflow_secret: str = "vidistill-mlflow-auth"

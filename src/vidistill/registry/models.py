@@ -215,7 +215,7 @@ def resolve(model_uri: str) -> Any:
         parsed = _parse_model_uri(model_uri)
     except MlflowException:
         parsed = None
-    if parsed is None:
+    if parsed is None or (parsed.model_id is not None and not parsed.model_id.startswith("m-")):
         raise ValueError(f"expected a registry URI models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest or "
                          f"models:/m-MODEL_ID, got {model_uri!r}")
     c = client()
@@ -261,6 +261,17 @@ def _version_of_logged_model(c: Any, model_id: str) -> Any:
         raise ValueError(f"logged model {model_id!r} ({logged.name!r}) is not a registered version; serve a registered one "
                          "(models:/NAME@champion) or register it with `vidistill register`")
     return max(versions, key=lambda v: int(v.version))
+
+
+def _new_classes(champion: Any, candidate: Any) -> list[str]:
+    """Classes of `candidate` that `champion` lacks, when the candidate keeps every champion class; else []."""
+    try:
+        old, new = json.loads(champion.tags.get("classes", "null")), json.loads(candidate.tags.get("classes", "null"))
+    except ValueError:
+        return []
+    if not isinstance(old, list) or not isinstance(new, list) or not set(old) < set(new):
+        return []
+    return [c for c in new if c not in old]
 
 
 def _metric(version: Any, metric: str) -> float:
@@ -311,6 +322,12 @@ def promote(model_name: str, version: str | int, *, margin: float, metric: str =
         decision, reason = CHAMPION, f"no champion yet; {metric}={cand_value:.4f} and parity passed"
     elif champ_version == version:
         decision, reason = CHAMPION, f"version {version} is already the champion"
+    elif current.tags.get("data_hash") != cand.tags.get("data_hash") and _new_classes(current, cand):
+        # new data that adds classes: the champion cannot name them, so it cannot be the better model on
+        # the new evaluation set (issue 25: a new class folder must reach serving)
+        decision = CHAMPION
+        reason = (f"the candidate knows classes the champion v{champ_version} cannot name "
+                  f"({', '.join(_new_classes(current, cand))}); {metric}={cand_value:.4f} on the new data, parity passed")
     elif current.tags.get("data_hash") != cand.tags.get("data_hash"):
         decision = "refused"
         reason = (
