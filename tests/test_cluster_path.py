@@ -182,3 +182,54 @@ def test_fingerprint_changes_with_the_videos_and_keys_prep(tmp_path):
     spec = next(yaml.safe_load_all((ROOT / "pipeline.yaml").read_text()))
     for comp in ("comp-prep-shard-op", "comp-prep-op"):
         assert "data_fingerprint" in spec["components"][comp]["inputDefinitions"]["parameters"], comp
+
+
+# --- 10. first contact outside the repository ---------------------------------------------------
+
+
+def test_pipeline_in_an_empty_folder_uses_the_packaged_defaults(tmp_path, monkeypatch):
+    from vidistill.config import ConfigError, load_params
+    from vidistill_pipeline import runner
+
+    monkeypatch.chdir(tmp_path)
+    params = runner.resolve_params("params.yaml", profile="tiny")  # was: "prep.synth.out (None) differs from prep.root"
+    assert params["pipeline"]["methods"] == load_params(ROOT / "params.yaml")["pipeline"]["methods"]
+    assert (ROOT / "params.yaml").resolve() == runner.PACKAGED_PARAMS.resolve()  # the repository's file is the packaged one
+    with pytest.raises(ConfigError, match="--params nope.yaml does not exist"):
+        runner.resolve_params("nope.yaml")
+    done = vidistill("pipeline", "compile", "--out", "p.yaml", cwd=tmp_path)
+    assert done.returncode == 0 and (tmp_path / "p.yaml").is_file(), done.stderr
+    assert "using vidistill's defaults" in done.stderr and not (tmp_path / "dvc.yaml").exists()
+
+
+def test_prep_never_replaces_videos_synth_wrote(tmp_path):
+    from vidistill.config import ConfigError, SynthConfig
+    from vidistill.data.synthetic import generate
+
+    out = tmp_path / "videos"
+    generate(SynthConfig(out=str(out), videos_per_class=2, frames=8), progress=False, writer="synth")
+    before = sorted(p.relative_to(out) for p in out.rglob("*.mp4"))
+    with pytest.raises(ConfigError, match=r"holds videos `vidistill synth` wrote .*videos_per_class: 2 there, 3 here"):
+        generate(SynthConfig(out=str(out), videos_per_class=3, frames=8), progress=False)  # what prep does
+    assert sorted(p.relative_to(out) for p in out.rglob("*.mp4")) == before
+    assert generate(SynthConfig(out=str(out), videos_per_class=2, frames=8), progress=False) == out  # same settings: read
+    mine = tmp_path / "prep-made"  # a dataset prep wrote itself is still regenerated when its settings change
+    generate(SynthConfig(out=str(mine), videos_per_class=2, frames=8), progress=False)
+    generate(SynthConfig(out=str(mine), videos_per_class=3, frames=8), progress=False)
+    assert len(list(mine.rglob("*.mp4"))) == 3 * len(json.loads((mine / "synth.json").read_text())["classes"])
+
+
+# --- a new class reaches serving: the champion cannot name it ---------------------------------------
+
+
+def test_a_candidate_with_new_classes_replaces_the_champion():
+    from types import SimpleNamespace
+
+    from vidistill.registry.models import _new_classes
+
+    def version(classes):
+        return SimpleNamespace(tags={"classes": json.dumps(classes)})
+
+    assert _new_classes(version(["a", "b"]), version(["a", "b", "c"])) == ["c"]
+    assert _new_classes(version(["a", "b"]), version(["a", "c"])) == []  # a class dropped: not comparable, refused
+    assert _new_classes(version(["a", "b"]), version(["a", "b"])) == []  # same classes, other data: refused as before

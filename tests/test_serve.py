@@ -306,3 +306,45 @@ def test_bench_serve_smoke(student_onnx):  # noqa: F811
     assert "| vidistill | grpc | off |" in r["markdown"]
     with pytest.raises(ValueError, match="batching must be"):
         bench_serve(student_onnx["model"], onnx_path=student_onnx["onnx_path"], batching="sometimes")
+
+
+def test_grpc_model_ready_answers_false_like_triton(server):
+    """Issue 25.11: Triton answers `ready: false` for a model or version it does not serve, and tritonclient's
+    is_model_ready expects that; NOT_FOUND made it raise."""
+    g = grpcclient.InferenceServerClient(server.grpc_addr)
+    assert g.is_model_ready(NAME) and g.is_model_ready(NAME, server.version)
+    assert g.is_model_ready("no-such-model") is False and g.is_model_ready(NAME, "999") is False
+
+
+def test_watch_follows_the_champion_and_logged_model_uris_resolve(mlflow_server, student_onnx, tmp_path):  # noqa: F811
+    """Issue 25.3: a promotion reaches a running server (`--watch`) without a restart; 25.11: MLflow 3's own
+    `models:/m-<model_id>` names the registered version made from that logged model."""
+    from vidistill.registry.models import resolve
+    from vidistill.registry.tracking import client
+
+    name = f"{NAME}-watch"
+    first = register_onnx(student_onnx["onnx_path"], model_name=name, metrics={"top1": 0.5}, parity=student_onnx["parity"],
+                          data_hash="eval-a", method="none")
+    promote(name, first, margin=0.0)
+    proc = ServeProcess(f"models:/{name}@champion", tmp_path, "--watch", "0.5", "--no-grpc")
+    try:
+        h = httpclient.InferenceServerClient(proc.url.removeprefix("http://"))
+        assert h.get_model_metadata(name)["versions"] == [first]
+        second = register_onnx(student_onnx["onnx_path"], model_name=name, metrics={"top1": 0.9},
+                               parity=student_onnx["parity"], data_hash="eval-a", method="kd")
+        assert promote(name, second, margin=0.01)["decision"] == "champion"
+        import time
+
+        deadline = time.monotonic() + 60
+        while h.get_model_metadata(name)["versions"] != [second] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert h.get_model_metadata(name)["versions"] == [second]
+        assert h.is_model_ready(name, second) and not h.is_model_ready(name, first)
+    finally:
+        stop(proc.proc)
+    model_id = client().get_model_version(name, second).source.removeprefix("models:/")
+    assert model_id.startswith("m-") and resolve(f"models:/{model_id}").version == second
+    with pytest.raises(ValueError, match="no logged model 'm-0000'"):
+        resolve("models:/m-0000")
+    done = _serve_cli("--model", str(student_onnx["onnx_path"]), "--watch", "5")  # a file has no alias to follow
+    assert done.returncode == 2 and "--watch follows a registry alias" in done.stderr

@@ -107,7 +107,7 @@ def _print(obj: Any) -> None:
 def cmd_synth(cfg: C.SynthConfig, args: argparse.Namespace) -> None:
     from vidistill.data import generate
 
-    path = generate(cfg, progress=not args.quiet)
+    path = generate(cfg, progress=not args.quiet, writer="synth")
     print(f"synthetic videos written to {path}")
 
 

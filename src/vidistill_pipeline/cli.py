@@ -138,7 +138,7 @@ def _compile(args: argparse.Namespace) -> int:
 
     outputs = {Path(args.out): lambda p: runner.compile_pipeline(p, params_file=args.params)}
     if args.dvc is None:
-        args.dvc = "dvc.yaml" if dvc.library_inside(Path(args.params).resolve().parent) else ""
+        args.dvc = "dvc.yaml" if dvc.library_inside(Path(args.params).absolute().parent) else ""
         if not args.dvc:
             print("dvc.yaml not written: the vidistill library is not inside this project (DVC stages list its code)")
     if args.dvc:

@@ -325,7 +325,7 @@ def write_dvc_yaml(path: str | Path = "dvc.yaml", *, params_file: str | Path = "
     """Write `dvc.yaml` for `params_file`; `root` (default: the folder of `params_file`) is the project
     the stage paths are relative to."""
     path = Path(path)
-    root = Path(root) if root is not None else Path(params_file).resolve().parent
+    root = Path(root) if root is not None else Path(params_file).absolute().parent  # not resolve(): params.yaml is a link
     path.write_text(render_dvc_yaml(load_params(params_file), root))
     return path
 

@@ -16,6 +16,27 @@ from vidistill.config import ConfigError, load_params, set_dotted, validate_pipe
 from vidistill.errors import UserError
 
 COMPILED = Path("pipeline.yaml")  # relative to the working directory, beside params.yaml and dvc.yaml
+PACKAGED_PARAMS = Path(__file__).with_name("params.yaml")  # the repository's params.yaml links here
+
+
+def pipeline_params(params_file: str | Path = "params.yaml") -> dict[str, Any]:
+    """params.yaml as the pipeline reads it: `params_file`, or, where the default `params.yaml` is not in the
+    working directory (a folder outside the repository), vidistill's packaged defaults (the repository's
+    params.yaml), said in one line on stderr.
+
+    Raises:
+        ConfigError: a `params_file` other than the default that does not exist.
+    """
+    path = Path(params_file)
+    if path.exists():
+        return load_params(path)
+    if str(params_file) != "params.yaml":
+        raise ConfigError(f"--params {params_file} does not exist; pass a params.yaml (vidistill's defaults: {PACKAGED_PARAMS})")
+    import sys
+
+    print(f"no params.yaml in {Path.cwd()}: using vidistill's defaults ({PACKAGED_PARAMS}); copy it here to change them",
+          file=sys.stderr)
+    return load_params(PACKAGED_PARAMS)
 
 # profile -> dotted overrides of params.yaml. `default` is params.yaml as it is (what `pipeline run` takes
 # unless told otherwise: your data, every labelled video for every network). `demo` is `make demo`: the
@@ -64,7 +85,7 @@ def compile_pipeline(path: str | Path = COMPILED, *, params_file: str | Path = "
     from vidistill_pipeline.dag import build_pipeline
 
     path = Path(path)
-    compiler.Compiler().compile(build_pipeline(load_params(params_file)), str(path))
+    compiler.Compiler().compile(build_pipeline(pipeline_params(params_file)), str(path))
     return path
 
 
@@ -118,7 +139,7 @@ def resolve_params(params_file: str | Path = "params.yaml", *, profile: str = "d
     """
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
-    params = copy.deepcopy(load_params(params_file))
+    params = copy.deepcopy(pipeline_params(params_file))
     overrides = dict(overrides or {})
     for key, value in {**PROFILES[profile], **overrides}.items():
         set_dotted(params, key, value)

@@ -413,22 +413,26 @@ def _up_to_date(out: Path, cfg: SynthConfig) -> bool:
     return info.get("params") == _params(cfg) and all((out / f).is_file() for f in info.get("files", []))
 
 
-def generate(cfg: SynthConfig, *, progress: bool = True) -> Path:
+def generate(cfg: SynthConfig, *, progress: bool = True, writer: str = "prep") -> Path:
     """Write the synthetic dataset of `cfg` to `cfg.out` (unless it is already there).
 
     The videos are written to a temporary directory beside `cfg.out` and moved into place at the
-    end, so an interrupted run leaves no partial dataset.
+    end, so an interrupted run leaves no partial dataset. `synth.json` records who wrote them
+    (`writer`): a dataset is only ever replaced by the same writer, so `vidistill prep` never deletes
+    the videos `vidistill synth` made with other parameters (issue 25.10).
 
     Args:
         cfg: the dataset parameters.
         progress: show a progress bar.
+        writer: "prep" (a prep stage generating its input) or "synth" (the `vidistill synth` command).
 
     Returns:
         `Path(cfg.out)`.
 
     Raises:
-        ConfigError: invalid parameters, an unknown codec, or `cfg.out` exists, is not empty and is
-            not a synthetic dataset (it is never overwritten).
+        ConfigError: invalid parameters, an unknown codec, `cfg.out` exists, is not empty and is not a
+            synthetic dataset, or holds one another writer made with other parameters (it is never
+            overwritten).
     """
     cfg.validate()
     out = Path(cfg.out)
@@ -437,6 +441,19 @@ def generate(cfg: SynthConfig, *, progress: bool = True) -> Path:
     if out.exists() and any(out.iterdir()) and not (out / "synth.json").is_file():
         raise ConfigError(f"synth.out {out} exists and is not a synthetic dataset (no synth.json); "
                           "choose an empty or new directory")
+    if (out / "synth.json").is_file():
+        try:
+            info = json.loads((out / "synth.json").read_text())
+        except json.JSONDecodeError:
+            info = {}
+        owner = info.get("writer", "prep")
+        if owner != writer:
+            old, new = info.get("params", {}), _params(cfg)
+            differ = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in sorted(set(old) | set(new))
+                               if old.get(k) != new.get(k))
+            raise ConfigError(f"{out} holds videos `vidistill {owner}` wrote with other settings ({differ}); {writer} will "
+                              f"not replace them: read them as they are (prep.dataset: folder), set prep.synth.* to "
+                              f"match, or choose another folder")
     try:
         av.codec.Codec(cfg.codec, "w")
     except (av.codec.codec.UnknownCodecError, av.FFmpegError):
@@ -454,7 +471,7 @@ def generate(cfg: SynthConfig, *, progress: bool = True) -> Path:
             for rel in ordered_map(pool, _write_one, [(cfg, c, i, str(tmp / rel)) for c, i, rel in jobs], chunksize=4):
                 files.append(rel)
                 bar.advance(task)
-        meta = {"params": _params(cfg), "classes": names, "files": files}
+        meta = {"params": _params(cfg), "classes": names, "files": files, "writer": writer}
         (tmp / "synth.json").write_text(json.dumps(meta, indent=1))
         if out.exists():
             shutil.rmtree(out)

@@ -256,7 +256,9 @@ def _version_of_logged_model(c: Any, model_id: str) -> Any:
             raise
         raise ValueError(f"no logged model {model_id!r} in the tracking server; copy the id from the model's page") from None
     run = logged.source_run_id
-    versions = [mv for mv in c.search_model_versions(f"run_id = '{run}'") if getattr(mv, "model_id", None) == model_id] if run else []
+    # a version made from the logged model names it as its source (`model_id` itself is not always filled in)
+    versions = [mv for mv in c.search_model_versions(f"run_id = '{run}'")
+                if model_id in (getattr(mv, "model_id", None), (mv.source or "").removeprefix("models:/"))] if run else []
     if not versions:
         raise ValueError(f"logged model {model_id!r} ({logged.name!r}) is not a registered version; serve a registered one "
                          "(models:/NAME@champion) or register it with `vidistill register`")
