@@ -282,6 +282,10 @@ def test_gpu_pods_scheduled_on_gpu_pool(overlay: tuple[str, list[Resource]]) -> 
         assert key in node_selector and node_selector[key], f"{where}: nodeSelector {node_selector}"
         if value:
             assert node_selector[key] == value
+        if name == "gke":  # issue 25.7: one accelerator type per overlay, the pipeline's GPU tasks included
+            env = dict(line.split("=", 1) for line in (K8S / "overlays" / name / "pipeline.env").read_text().splitlines()
+                       if line and not line.startswith("#"))
+            assert node_selector[key] == env["VIDISTILL_GPU_TYPE"], f"{where}: {node_selector[key]} vs pipeline.env"
     assert gpu_pods == 5  # the GPU check Job, the PyTorchJob master and worker, the TrainJob runtime and its job
 
 
