@@ -248,14 +248,25 @@ def test_the_exported_student_equals_the_cached_embedding_path_and_passes_onnx_p
 # parameters, data
 
 
-def test_bad_hyperparameters_and_hflip_are_refused():
+def test_bad_hyperparameters_are_refused():
     for params, message in (({"gamma": -1}, "jedi.gamma must be >= 0"), ({"ensemble_input": "logits"}, "ensemble_input"),
                             ({"kd_data": "kinetics"}, "kd_data"), ({"adjust_dropout": 1.0}, "adjust_dropout"),
                             ({"lr": 0}, "lr must be > 0"), ({"burn_in": -1}, "burn_in")):
         with pytest.raises(ConfigError, match=message):
             method_params("jedi", params)
-    with pytest.raises(ConfigError, match="hflip.*unaugmented"):
-        get_method("jedi").train_config(method_params("jedi", {}), TrainConfig(hflip=True))
+
+
+def test_the_training_views_of_distill_train_are_off_for_cached_embeddings(experts):
+    """Issue 26: params.yaml's `distill.train` has flips and crops; jedi trains on embeddings, so its own
+    train_config turns both off (it used to refuse hflip, and then crop a batch of embeddings)."""
+    cfg = get_method("jedi").train_config(method_params("jedi", {}), TrainConfig(hflip=True, crop_scale=0.5))
+    assert not cfg.hflip and cfg.crop_scale == 1.0
+    cfg.validate()
+    from vidistill.data.augment import augment_batch
+
+    batch = _batch(EmbeddingSet(experts[0], "train"), [0, 1])
+    with pytest.raises(ValueError, match="need clips"):  # what the loop would do with views on: a clear refusal
+        augment_batch(batch, torch.Generator().manual_seed(0), crop_scale=0.5)
 
 
 def test_the_validation_split_is_stratified_seeded_and_disjoint():

@@ -323,6 +323,7 @@ class DistillConfig:
                f"video), got {self.student_videos_per_class}")
         self.out = self.out or f"runs/distill/{self.method}"
         self.train.validate()
+        get_method(self.method).train_config(params, self.train).validate()  # a setting the method refuses, before any work
 
 
 @dataclass

@@ -152,6 +152,9 @@ def augment_batch(batch: dict[str, Any], generator: torch.Generator, *, hflip: b
     """
     if not hflip and crop_scale >= 1.0:
         return batch
+    if "rgb" not in batch:
+        raise ValueError(f"training views (hflip, crop_scale) need clips (`rgb`), but this batch holds {sorted(batch)}; "
+                         "a method that trains on other inputs (e.g. cached embeddings) turns them off in its train_config")
     views = sample_views(batch["rgb"].shape[0], generator, hflip=hflip, crop_scale=crop_scale)
     out = dict(batch)
     out["rgb"] = apply_views(batch["rgb"], views)
