@@ -95,3 +95,15 @@ def test_every_method_distils_with_the_repository_params(method, world, tmp_path
     history = json.loads((out / "history.json").read_text())
     assert history and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert (out / "model.pt").is_file()
+
+
+def test_d3d_with_the_rgb_teacher_control_reads_no_flow(world, tmp_path):
+    """D3D's Table 6 control through the stage with the repository's params: `teacher: rgb` reads
+    `teacher_rgb` and no flow folder (here one that does not exist)."""
+    data = copy.deepcopy(repo_params(tmp_path)["distill"])
+    paths = {**world["paths"], "flow": str(tmp_path / "no_flow"), "teacher_flow": str(tmp_path / "no_teacher.pt")}
+    for key, value in {"method": "d3d", "methods.d3d.teacher": "rgb", "out": str(tmp_path / "d3d_rgb"),
+                       "train.device": "cpu", **paths}.items():
+        set_dotted(data, key, value)
+    result = stages.distill(from_dict(DistillConfig, data, where="distill."), progress=False, track=False)
+    assert result["method"] == "d3d" and (tmp_path / "d3d_rgb" / "model.pt").is_file()

@@ -354,7 +354,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
     method = get_method(cfg.method)
     params = method_params(cfg.method, cfg.methods.get(cfg.method))
     train_cfg = method.train_config(params, cfg.train)
-    train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None,
+    train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.reads_flow(params) else None,
                             videos_per_class=cfg.student_videos_per_class, subset_seed=cfg.student_subset_seed)
     files = {n: getattr(cfg, n) for n in method.needed_files(params)}  # only what the method reads reaches it
     ctx = DistillContext(num_classes=train_set.num_classes, classes=train_set.classes, frames=train_set.frames,
@@ -368,7 +368,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
             teacher_run = load_checkpoint(path)["extra"].get("run_id") or teacher_run
     tags = {"data_hash": _manifest_hash(cfg.clips), "method": cfg.method,
             "teacher_run_id": teacher_run or "none"}
-    fingerprint = _fingerprint(train_set, task.student, cfg.clips, flow=cfg.flow if method.needs_flow else None,
+    fingerprint = _fingerprint(train_set, task.student, cfg.clips, flow=cfg.flow if method.reads_flow(params) else None,
                                files=files, method=cfg.method, method_params=asdict(params),
                                student_videos=[cfg.student_videos_per_class, cfg.student_subset_seed],
                                **_folder_hashes(files))
