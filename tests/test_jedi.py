@@ -16,7 +16,8 @@ import torch
 
 from helpers_jedi import tiny_experts
 from vidistill import cli, stages
-from vidistill.config import ConfigError, DistillConfig, ExpertsConfig, PrepConfig, SynthConfig, TrainConfig, from_dict
+from vidistill.config import (ConfigError, DistillConfig, ExpertsConfig, PrepConfig, SynthConfig, TeachConfig, TrainConfig,
+                              from_dict)
 from vidistill.data import ClipDataset
 from vidistill.data.multi import EmbeddingSet, cache_embeddings, holdout_mask, holdout_split, read_experts
 from vidistill.distill import DistillContext, get_method, method_params
@@ -336,6 +337,66 @@ def test_the_experts_stage_prepares_trains_and_caches_every_dataset(real):
             assert sorted(z.files) == ["e0", "e1", "e2", "labels", "video_ids"] and z["e2"].shape == (len(clips), 64)
     assert m["encoder_clips"] == sum(d["splits"][s]["clips"] for d in m["datasets"] for s in ("train", "test"))
     assert read_experts(real["experts"]) == json.loads((Path(real["experts"]) / "manifest.json").read_text())
+
+
+def test_experts_start_from_the_pretrained_encoder_and_train_with_flips_and_crops(real, tmp_path, monkeypatch):
+    """Issue 26: JEDI's experts are pre-trained, then fine-tuned with augmentation (paper sec. 4.3). `experts.pretrained`
+    (the pace encoder) initialises every expert's encoder, its head stays new, and `experts.train`'s flips and crops
+    reach the training loop; the cached embeddings are still made without augmentation."""
+    import vidistill.train
+    import vidistill.train.loop as loop
+    from vidistill.models import create_model
+    from vidistill.train import save_model
+
+    torch.manual_seed(7)
+    kw = {"num_classes": 3, "frames": T, "size": S}  # a pace encoder: 3 speeds, not the datasets' classes
+    pace = create_model("r2plus1d_student", **kw)
+    pretrained = save_model(tmp_path / "pace.pt", pace, classes=["1x", "2x", "3x"], extra={"pretext": "pace"})
+    encoder = {k: v for k, v in pace.state_dict().items() if not k.startswith("head.")}
+    started, views = [], []
+    real_fit, real_augment = vidistill.train.fit, loop.augment_batch
+
+    def spy_fit(task, train_set, cfg, *args, **kwargs):
+        started.append(({k: v.clone() for k, v in task.student.state_dict().items()}, cfg.hflip, cfg.crop_scale))
+        return real_fit(task, train_set, cfg, *args, **kwargs)
+
+    def spy_augment(batch, generator, **kwargs):
+        views.append((kwargs.get("hflip"), kwargs.get("crop_scale")))
+        return real_augment(batch, generator, **kwargs)
+
+    monkeypatch.setattr(vidistill.train, "fit", spy_fit)
+    monkeypatch.setattr(loop, "augment_batch", spy_augment)
+    d1 = real["manifest"]["datasets"][1]
+    cfg = replace(real["cfg"], out=str(tmp_path / "experts"), pretrained=str(pretrained),
+                  datasets=[{"name": "d1", "clips": d1["clips"]}],
+                  train=TrainConfig(epochs=1, batch_size=8, device="cpu", hflip=True, crop_scale=0.5))
+    manifest = stages.experts(cfg, progress=False, track=False)
+    assert len(started) == 2  # one expert per dataset
+    for state, hflip, crop in started:
+        for k, v in encoder.items():
+            assert torch.equal(state[k], v), f"expert weight {k} does not start from the pretrained encoder"
+        assert state["head.weight"].shape[0] in (8, 6)  # the dataset's classes: a new head
+        assert (hflip, crop) == (True, 0.5)
+    assert views and set(views) == {(True, 0.5)}  # every training batch of every expert got a view
+    assert manifest["expert_init"] == str(pretrained)
+    assert manifest["expert_views"] == {"hflip": True, "crop_scale": 0.5}
+    expert, info = load_model(Path(cfg.out) / "d0" / "model.pt")
+    assert info["extra"]["init"] == str(pretrained)
+    with np.load(Path(cfg.out) / "embeddings" / "d0" / "test.npz") as z:  # cached without views: deterministic
+        test = ClipDataset(real["clips"], "test")
+        with torch.no_grad():
+            _, feats = expert.eval()(torch.stack([test[i]["rgb"] for i in range(len(test))]))
+        np.testing.assert_allclose(z["e0"], feats.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_scratch_expert_and_a_missing_encoder_are_named(real, tmp_path):
+    cfg = replace(real["cfg"], out=str(tmp_path / "experts"), pretrained=str(tmp_path / "missing.pt"),
+                  datasets=[{"name": "d1", "clips": real["manifest"]["datasets"][1]["clips"]}])
+    with pytest.raises(ConfigError, match="missing.pt does not exist"):
+        stages.experts(cfg, progress=False, track=False)
+    assert real["manifest"]["expert_init"] == "scratch"
+    with pytest.raises(ConfigError, match="teach.init initialises a classifier or a pace encoder"):
+        TeachConfig(pretext="videomae", model="vit_video_tiny", init="pace.pt").validate()
 
 
 def test_distill_jedi_trains_exports_and_matches_the_cached_path(real, tmp_path, capsys):

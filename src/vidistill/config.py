@@ -245,6 +245,7 @@ class TeachConfig:
     # mvd: masked video distillation from an MAE and a VideoMAE teacher (the self-supervised ones never read labels)
     pretext: str = "none"
     paces: int = 3  # pace: speeds 1x .. paces x
+    init: str = ""  # model.pt whose encoder (every weight but the head) initialises the model, e.g. the pace encoder; "" = from scratch
     pretext_frames: int = 8  # pace: frames per clip, sampled from longer prep clips
     mask_ratio: float = 0.0  # mae/videomae/mvd: masked fraction; 0 = the paper's (mae 0.75, videomae and mvd 0.9)
     decoder_depth: int = 2  # mae/videomae/mvd: decoder blocks (MVD --decoder_depth 2)
@@ -269,6 +270,8 @@ class TeachConfig:
             _check(self.modality == "rgb", "teach.pretext 'pace' trains an RGB encoder; use --modality rgb")
             _check(self.paces >= 2, f"teach.paces must be >= 2, got {self.paces}")
             _check(self.pretext_frames >= 2, f"teach.pretext_frames must be >= 2, got {self.pretext_frames}")
+        _check(not self.init or self.pretext in ("none", "pace"), f"teach.init initialises a classifier or a pace encoder; "
+               f"pretext {self.pretext!r} trains from scratch")
         if self.pretext in MASKED_PRETEXTS:
             _check(self.modality == "rgb", f"teach.pretext {self.pretext!r} trains an RGB ViT; use --modality rgb")
             self.mask_ratio = self.mask_ratio or DEFAULT_MASK_RATIO[self.pretext]
@@ -426,6 +429,7 @@ class ExpertsConfig:
     datasets: list = field(default_factory=list)  # the other datasets (see above)
     out: str = "runs/experts"
     model: str = "r2plus1d_student"  # every expert's preset (its features are the cached embeddings)
+    pretrained: str = ""  # model.pt whose encoder initialises every expert (the pace encoder: JEDI's experts are pre-trained); "" = from scratch
     embed_batch_size: int = 32  # clips per batch of the embedding pass
     resume: bool = False  # reuse an expert whose model.pt was trained on the same clips with the same settings
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -318,9 +318,14 @@ def teach(cfg: TeachConfig, *, progress: bool = True, track: bool = True,
         extra["pretext"] = "pace"
     torch_seed(cfg.train.seed)
     model = create_model(cfg.model, **_model_kwargs(train_set, cfg.modality))
+    if cfg.init:  # a pre-trained encoder (e.g. the pace one); the head stays new
+        from vidistill.train.artifacts import load_encoder
+
+        load_encoder(model, cfg.init)
+        extra["init"] = cfg.init
     tags = {"data_hash": _manifest_hash(cfg.clips), "method": "pretext_pace" if cfg.pretext == "pace" else f"teacher_{cfg.modality}"}
     fingerprint = _fingerprint(train_set, model, cfg.clips, flow=cfg.flow if cfg.modality == "flow" else None,
-                               modality=cfg.modality, pretext=cfg.pretext,
+                               files={"init": cfg.init}, modality=cfg.modality, pretext=cfg.pretext,
                                **({"paces": cfg.paces, "pretext_frames": cfg.pretext_frames} if cfg.pretext == "pace" else {}))
     with _training_run(f"teach_{cfg.modality}", cfg, tags=tags, track=track, fingerprint=fingerprint) as (run, resume):
         return _train_and_evaluate(Supervised(model, label_smoothing=cfg.train.label_smoothing), lambda: model,
@@ -386,7 +391,8 @@ def experts(cfg: ExpertsConfig, *, progress: bool = True, track: bool = True) ->
 
     Prepares every dataset of `cfg.datasets` with prep, in the main dataset's clip geometry, and stops with
     a message naming a dataset without usable videos before anything trains; trains one expert per dataset
-    (`teach`: `cfg.model` with cross-entropy on that dataset, the main one on `cfg.clips`); then runs every
+    (`teach`: `cfg.model` with cross-entropy on that dataset, the main one on `cfg.clips`, its encoder initialised
+    from `cfg.pretrained` when set, with `cfg.train`'s views: flips and crops); then runs every
     expert once over every dataset's train and test clips and writes the experts folder
     (`vidistill.data.multi`). Returns its manifest.
     """
@@ -419,8 +425,8 @@ def experts(cfg: ExpertsConfig, *, progress: bool = True, track: bool = True) ->
             clips.append(entry.get("clips") or pcfg.out)
         scores = {}
         for name, data in zip(names, clips):
-            r = teach(TeachConfig(clips=data, out=str(out / name), model=cfg.model, resume=cfg.resume, train=cfg.train),
-                      progress=progress, track=False)
+            r = teach(TeachConfig(clips=data, out=str(out / name), model=cfg.model, init=cfg.pretrained, resume=cfg.resume,
+                                  train=cfg.train), progress=progress, track=False)
             scores[name] = {k: r[k] for k in ("top1", "top5", "mAP")}
         device = resolve_device(cfg.train.device)
         encoders = [load_model(out / name / "model.pt", device=str(device))[0] for name in names]
@@ -431,7 +437,8 @@ def experts(cfg: ExpertsConfig, *, progress: bool = True, track: bool = True) ->
         entries = [{"name": name, "clips": str(data), "data_hash": _manifest_hash(data), "classes": s["train"].classes,
                     "expert": f"{name}/model.pt", "preset": cfg.model, "feature_dim": enc.feature_dim, "splits": files[name],
                     **scores[name]} for name, data, s, enc in zip(names, clips, sets, encoders)]
-        manifest = {"main": cfg.name, "datasets": entries,
+        manifest = {"main": cfg.name, "datasets": entries, "expert_init": cfg.pretrained or "scratch",
+                    "expert_views": {"hflip": cfg.train.hflip, "crop_scale": cfg.train.crop_scale},
                     "encoder_clips": sum(len(ds) for s in sets for ds in s.values())}
         write_manifest(out, manifest)
         run.log_metrics(_numeric({f"{n}_expert_{k}": v for n, s in scores.items() for k, v in s.items()}))

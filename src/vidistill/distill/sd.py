@@ -58,14 +58,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from vidistill.distill.base import Distiller, register_method
 from vidistill.errors import ConfigError
-from vidistill.train.loop import load_checkpoint
+from vidistill.train.artifacts import load_encoder  # noqa: F401  (shared with `teach --init`; imported from here before)
 
 
 def sd_loss(features: torch.Tensor, snapshot_features: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -150,36 +149,6 @@ class SDParams:
 
 def _batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
-def _head_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys of the model's classification head (`model.head`), g_φ."""
-    head = getattr(model, "head", None)
-    if not isinstance(head, torch.nn.Module):
-        raise ConfigError(f"sd fine-tunes a model with a classification head `head`; {type(model).__name__} has none")
-    return {f"head.{k}" for k in head.state_dict()}
-
-
-def load_encoder(student: torch.nn.Module, path: str) -> list[str]:
-    """Copy every pre-trained encoder weight whose name and shape match; the head g_φ is never copied.
-
-    Returns the names of the student's state-dict entries that were not initialised from `path` (the
-    head, and anything the source model lacks).
-
-    Raises:
-        ConfigError: `path` missing, or it shares no encoder weight with the student.
-    """
-    if not Path(path).exists():
-        raise ConfigError(f"pre-trained model {path} does not exist; train one with `vidistill teach` on the source data")
-    saved = load_checkpoint(path)
-    own = student.state_dict()
-    head = _head_keys(student)
-    taken = {k: v for k, v in saved["state_dict"].items() if k in own and k not in head and own[k].shape == v.shape}
-    if not taken:
-        raise ConfigError(f"{path} ({saved['name']}) shares no weights with the student; pre-train the same architecture")
-    own.update(taken)
-    student.load_state_dict(own)
-    return sorted(set(own) - set(taken))
 
 
 def encode(model: torch.nn.Module, x: torch.Tensor, features: str) -> tuple[torch.Tensor, torch.Tensor]:
