@@ -9,7 +9,9 @@ mvd` (evaluated and exported with ONNX parity like every student).
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -274,6 +276,52 @@ def test_held_out_reconstruction_loss_falls_and_models_carry_their_pretext(pretr
     assert model.input_kind == ("image" if pretext == "mae" else "video")
     history = json.loads((Path(result["out"]) / "history.json").read_text())
     assert "train_acc" not in history[-1] and "heldout_loss" in history[-1]
+
+
+def test_frames_get_the_same_view_as_one_frame_clips():
+    """MAE's batches are frames `(B, 3, H, W)`: a view crops and flips them as it would one-frame clips."""
+    from vidistill.data.augment import apply_views, augment_batch, sample_views
+
+    frames = torch.rand(6, 3, S, S, generator=torch.Generator().manual_seed(0))
+    out = augment_batch({"rgb": frames, "label": torch.zeros(6, dtype=torch.long)}, torch.Generator().manual_seed(1),
+                        hflip=True, crop_scale=0.2)
+    views = sample_views(6, torch.Generator().manual_seed(1), hflip=True, crop_scale=0.2)
+    assert out["rgb"].shape == frames.shape
+    torch.testing.assert_close(out["rgb"], apply_views(frames.unsqueeze(2), views).squeeze(2))
+    assert not torch.equal(out["rgb"], frames)
+
+
+@pytest.mark.parametrize("section", ["image_teacher", "video_teacher", "student"])
+def test_every_pretext_of_params_yaml_trains_on_the_releases_views(section, data, pretrained, tmp_path, monkeypatch):
+    """Issue 26: params.yaml's `mvd_pretrain` pretexts train with the releases' views (`PRETEXT_VIEWS`): MAE random
+    resized crops from 20 % of the area and flips; VideoMAE's and MVD's multi-scale crops, no flip. One epoch of
+    each, on the section's own settings, with every training batch's view recorded."""
+    import vidistill.train.loop as loop
+    from vidistill.config import load_params
+    from vidistill.schema import from_dict
+    from vidistill.train.pretext import PRETEXT_VIEWS
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["mvd_pretrain"][section]
+    cfg = from_dict(TeachConfig, params, where=f"mvd_pretrain.{section}.")
+    assert {"hflip": cfg.train.hflip, "crop_scale": cfg.train.crop_scale} == PRETEXT_VIEWS[cfg.pretext]
+    cfg = replace(cfg, clips=data["clips"], out=str(tmp_path / section), image_teacher=pretrained["mae"]["model"],
+                  video_teacher=pretrained["videomae"]["model"],
+                  train=replace(cfg.train, epochs=1, warmup_epochs=0, batch_size=8, device="cpu"))
+    seen = []
+    real_augment = loop.augment_batch
+
+    def spy(batch, generator, **kw):
+        out = real_augment(batch, generator, **kw)
+        seen.append((kw["hflip"], kw["crop_scale"], tuple(batch["rgb"].shape), bool(torch.equal(out["rgb"], batch["rgb"]))))
+        return out
+
+    monkeypatch.setattr(loop, "augment_batch", spy)
+    r = stages.teach(cfg, progress=False, track=False)
+    assert math.isfinite(r["heldout_loss"])
+    want = PRETEXT_VIEWS[cfg.pretext]
+    assert seen and all((h, c) == (want["hflip"], want["crop_scale"]) for h, c, _, _ in seen)
+    assert all(len(shape) == (4 if cfg.pretext == "mae" else 5) for _, _, shape, _ in seen)
+    assert not any(same for *_, same in seen)  # the views changed every batch
 
 
 def test_the_pool_is_the_train_split_and_a_test_video_in_it_is_refused(data, tmp_path):

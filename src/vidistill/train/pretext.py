@@ -45,6 +45,13 @@ from vidistill.train.loop import TrainTask, scan
 
 MASKED_PRETEXTS = ("mae", "videomae", "mvd")
 DEFAULT_MASK_RATIO = {"mae": 0.75, "videomae": 0.9, "mvd": 0.9}  # MAE; VideoMAE and MVD release scripts
+# The releases' pre-training views, as `TrainConfig` settings (`hflip`, `crop_scale`: smallest crop area). MAE
+# (`main_pretrain.py`): RandomResizedCrop(scale=(0.2, 1)) + RandomHorizontalFlip. VideoMAE
+# (`DataAugmentationForVideoMAE`) and MVD (`DataAugmentationForVideoDistillation`): GroupMultiScaleCrop with side
+# scales [1, .875, .75, .66] and no flip; ours is the nearest random resized crop, area >= 0.66² ≈ 0.44 (a reading:
+# theirs draws the two sides from that discrete list, ours a uniform area and an aspect ratio in [3/4, 4/3]).
+PRETEXT_VIEWS = {"mae": {"hflip": True, "crop_scale": 0.2}, "videomae": {"hflip": False, "crop_scale": 0.44},
+                 "mvd": {"hflip": False, "crop_scale": 0.44}}
 MVD_TEACHERS = ("both", "image", "video")
 HELDOUT_SEED = 20230601  # the fixed masks of the held-out loss
 
