@@ -21,7 +21,7 @@ from vidistill import cli, stages
 from vidistill.config import ConfigError, DistillConfig, ExportConfig, PrepConfig, SynthConfig, TeachConfig, TrainConfig
 from vidistill.data import ClipDataset
 from vidistill.data.pool import FrameClips, unlabelled_pool
-from vidistill.distill import DistillContext, create_distiller, get_method
+from vidistill.distill import DistillContext, create_distiller, get_method, method_params
 from vidistill.models import create_model
 from vidistill.models.masking import tube_mask
 from vidistill.train import fit, load_model, save_model
@@ -410,10 +410,48 @@ def test_the_fine_tuned_student_starts_from_the_encoder_not_its_head(data, pretr
     for k, v in source.state_dict().items():
         if k.startswith("head."):  # re-initialised: the fresh model's (both biases start at zero)
             assert torch.equal(task.student.state_dict()[k], fresh[k]), k
+        elif k.startswith("norm."):  # fc_norm (the default): the pre-trained final LayerNorm is dropped
+            assert k not in task.student.state_dict()
         else:
             assert torch.equal(task.student.state_dict()[k], v), f"{k} was not loaded"
     assert not torch.equal(fresh["head.weight"], source.state_dict()["head.weight"])  # so the check above can fail
-    assert task.fresh == ["head.bias", "head.weight"] and type(task.student).__name__ == "VisionTransformer"
+    assert task.fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert type(task.student).__name__ == "VisionTransformer"
+
+
+def test_fine_tuning_with_fc_norm_as_the_release_and_with_the_final_norm(data, pretrained):
+    """Issue 26: the release's fine-tuning head (`modeling_finetune.py`, `use_mean_pooling`): the mean of the last
+    block's tokens, a new LayerNorm `fc_norm`, the head at 0.001 of its initialisation; `head: final_norm` keeps
+    the pre-trained final LayerNorm on every token (the reading before)."""
+    train = ClipDataset(data["clips"], "train")
+    ctx = DistillContext(num_classes=train.num_classes, classes=train.classes, frames=T, size=S,
+                         mvd_encoder=pretrained["mvd"]["model"])
+    cls = get_method("mvd")
+    x = _clips(3)
+    source, _ = load_model(pretrained["mvd"]["model"])
+    with torch.no_grad():
+        last_block = source.forward_tokens(x, final_norm=False)  # (B, N, D)
+        mean = last_block.mean(1)
+        for head in ("fc_norm", "final_norm"):
+            params = method_params("mvd", {"head": head})
+            torch.manual_seed(0)
+            task = cls(cls.build_student(params, ctx, default="r2plus1d_student"), params, ctx)
+            student = task.student.eval()
+            logits, features = student(x)
+            if head == "fc_norm":
+                ln = student.fc_norm
+                want = torch.nn.functional.layer_norm(mean, (mean.shape[1],), ln.weight, ln.bias, ln.eps)
+                torch.testing.assert_close(features, want, rtol=1e-5, atol=1e-5)
+                assert torch.equal(ln.weight, torch.ones_like(ln.weight))  # new, not copied
+                torch.manual_seed(0)
+                plain = create_model("vit_video_tiny", num_classes=train.num_classes, frames=T, size=S, pool="fc_norm")
+                torch.testing.assert_close(student.head.weight, 0.001 * plain.head.weight)
+            else:
+                torch.testing.assert_close(features, source.forward_tokens(x).mean(1), rtol=1e-5, atol=1e-5)
+                assert student.fc_norm is None
+            torch.testing.assert_close(logits, student.head(features))
+    with pytest.raises(ConfigError, match="head must be one of fc_norm, final_norm"):
+        method_params("mvd", {"head": "cls"})
 
 
 def test_fine_tuning_refuses_an_encoder_of_the_wrong_pretext_and_scratch_needs_none(data, pretrained):
