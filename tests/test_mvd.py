@@ -324,6 +324,32 @@ def test_every_pretext_of_params_yaml_trains_on_the_releases_views(section, data
     assert not any(same for *_, same in seen)  # the views changed every batch
 
 
+def test_the_release_decoders_scaled_to_our_widths_and_the_videomae_small_data_recipe(data, tmp_path):
+    """Issue 26: `teach.recipe: release` builds each pretext's release decoder scaled to the encoder (MAE 8 x 2/3,
+    VideoMAE 4 x 1/2, MVD 2 x 1); `small_data` is VideoMAE's UCF101 recipe, tube masking 0.75 with its 4-block
+    decoder. Checked by hand for our 96-wide, 3-head ViTs and on a real one-epoch run."""
+    from vidistill.train.pretext import recipe_decoder
+
+    assert recipe_decoder("mae", 96, 3) == (8, 64, 2)  # 512/768 of the width, 16 heads of 32 -> 2 of 32
+    assert recipe_decoder("videomae", 96, 3) == (4, 48, 2)
+    assert recipe_decoder("mvd", 96, 3) == (2, 96, 3)
+    assert recipe_decoder("videomae", 768, 12) == (4, 384, 6)  # the release's own numbers back
+    assert recipe_decoder("mae", 768, 12)[:2] == (8, 512)
+    cfg = TeachConfig(clips=data["clips"], out=str(tmp_path / "small"), model="vit_video_tiny", pretext="videomae",
+                      recipe="small_data", train=_train(epochs=1, warmup_epochs=0))
+    cfg.validate()
+    assert cfg.mask_ratio == 0.75
+    r = stages.teach(cfg, progress=False, track=False)
+    _, info = load_model(r["model"])
+    assert info["extra"]["decoder"] == [4, 48, 2] and info["extra"]["mask_ratio"] == 0.75
+    assert info["extra"]["recipe"] == "small_data"
+    for bad, match in (({"pretext": "mae", "model": "vit_image_tiny", "recipe": "small_data"}, "is VideoMAE's"),
+                       ({"pretext": "none", "recipe": "release"}, "is for the masked pretexts"),
+                       ({"pretext": "mvd", "recipe": "big"}, "recipe must be one of")):
+        with pytest.raises(ConfigError, match=match):
+            TeachConfig(**bad).validate()
+
+
 def test_the_pool_is_the_train_split_and_a_test_video_in_it_is_refused(data, tmp_path):
     pool = unlabelled_pool(data["clips"])
     test = ClipDataset(data["clips"], "test")

@@ -270,15 +270,21 @@ def _teach_masked(cfg: TeachConfig, *, progress: bool, track: bool, stop_after_e
         pool, heldout = FrameClips(pool, random_frame=True), FrameClips(heldout, random_frame=False)
     torch_seed(cfg.train.seed)
     model = create_model(cfg.model, **_model_kwargs(pool))
-    task = build_masked_task(cfg.pretext, model, mask_ratio=cfg.mask_ratio, decoder_depth=cfg.decoder_depth,
-                             decoder_dim=cfg.decoder_dim, decoder_heads=cfg.decoder_heads,
+    decoder = (cfg.decoder_depth, cfg.decoder_dim, cfg.decoder_heads)
+    if cfg.recipe:  # the release's decoder (VideoMAE's small-data recipe has the same), scaled to our widths
+        from vidistill.train.pretext import recipe_decoder
+
+        decoder = recipe_decoder(cfg.pretext, model.feature_dim, model.blocks[0].attn.heads)
+    task = build_masked_task(cfg.pretext, model, mask_ratio=cfg.mask_ratio, decoder_depth=decoder[0],
+                             decoder_dim=decoder[1], decoder_heads=decoder[2],
                              image_teacher=cfg.image_teacher, video_teacher=cfg.video_teacher, teachers=cfg.mvd_teachers,
                              image_weight=cfg.image_weight, video_weight=cfg.video_weight, heldout=heldout,
                              eval_batch=max(cfg.train.batch_size, 32))
-    extra: dict[str, Any] = {"modality": "rgb", "pretext": cfg.pretext, "mask_ratio": cfg.mask_ratio}
+    extra: dict[str, Any] = {"modality": "rgb", "pretext": cfg.pretext, "mask_ratio": cfg.mask_ratio, "decoder": list(decoder),
+                             "recipe": cfg.recipe}
     if cfg.pretext == "mvd":
         extra["mvd_teachers"] = cfg.mvd_teachers
-    settings = {"pretext": cfg.pretext, "mask_ratio": cfg.mask_ratio, "decoder": [cfg.decoder_depth, cfg.decoder_dim, cfg.decoder_heads]}
+    settings = {"pretext": cfg.pretext, "mask_ratio": cfg.mask_ratio, "decoder": list(decoder)}
     files = {}
     if cfg.pretext == "mvd":
         settings |= {"mvd_teachers": cfg.mvd_teachers, "weights": [cfg.image_weight, cfg.video_weight]}

@@ -172,7 +172,8 @@ def bench_mvd(*, work: str | Path = "outputs/bench_mvd", seeds: int = 3, videos_
               arms: tuple[str, ...] = ("scratch", "videomae", "mvd", "ref"), pretrain_lr: float = 1.5e-3,
               pretrain_batch: int = 32, warmup_fraction: float = 0.1, finetune_lr: float = 1e-3,
               finetune_batch: int = 16, mae_mask_ratio: float = 0.75, tube_mask_ratio: float = 0.9,
-              pretrain_per_seed: bool = False, threads: int = 0, pretext_views: bool = True) -> dict[str, Any]:
+              pretrain_per_seed: bool = False, threads: int = 0, pretext_views: bool = True,
+              decoder_recipe: str = "") -> dict[str, Any]:
     """The MVD comparison (mean ± std over `seeds` of top-1/top-5/mAP on the test split) and the wall times.
 
     Args:
@@ -199,6 +200,9 @@ def bench_mvd(*, work: str | Path = "outputs/bench_mvd", seeds: int = 3, videos_
         pretext_views: the releases' pre-training views (`vidistill.train.pretext.PRETEXT_VIEWS`: MAE random
             resized crops from 20 % of the area and flips, VideoMAE/MVD multi-scale crops); False: none (the
             runs before issue 26).
+        decoder_recipe: "" (2-block decoders of the encoder's width) or "release" (`teach.recipe`: each
+            pretext's release decoder scaled to our widths). VideoMAE's small-data recipe is
+            `decoder_recipe=release` with `tube_mask_ratio=0.75` (its decoder is the release's 4 blocks).
 
     Raises:
         ConfigError: an unknown arm or a bad setting, before any work.
@@ -215,6 +219,9 @@ def bench_mvd(*, work: str | Path = "outputs/bench_mvd", seeds: int = 3, videos_
             raise ConfigError(f"mask ratios must be in (0, 1), got {ratio}")
     if threads < 0:
         raise ConfigError(f"threads must be >= 0 (0: torch's default), got {threads}")
+    if decoder_recipe not in ("", "release"):
+        raise ConfigError(f"decoder_recipe must be '' or 'release', got {decoder_recipe!r}")
+    recipe = {"recipe": decoder_recipe} if decoder_recipe else {}
     finetune = TrainConfig(epochs=finetune_epochs, batch_size=finetune_batch, lr=finetune_lr, weight_decay=0.05)
     finetune.validate()
     TrainConfig(epochs=max(teacher_epochs, 2), batch_size=pretrain_batch, lr=pretrain_lr).validate()
@@ -237,13 +244,13 @@ def bench_mvd(*, work: str | Path = "outputs/bench_mvd", seeds: int = 3, videos_
         if arm == "scratch":
             return "", 0.0
         if arm == "videomae_matched":
-            r = pre.run("videomae", "vit_video_tiny", teacher_epochs + mvd_epochs, s)
+            r = pre.run("videomae", "vit_video_tiny", teacher_epochs + mvd_epochs, s, **recipe)
             return r["model"], r["seconds"]
-        video = pre.run("videomae", "vit_video_tiny", teacher_epochs, s)
+        video = pre.run("videomae", "vit_video_tiny", teacher_epochs, s, **recipe)
         if arm == "videomae":
             return video["model"], video["seconds"]
-        image = pre.run("mae", "vit_image_tiny", teacher_epochs, s)
-        student = pre.run("mvd", "vit_video_tiny", mvd_epochs, s, image_teacher=image["model"],
+        image = pre.run("mae", "vit_image_tiny", teacher_epochs, s, **recipe)
+        student = pre.run("mvd", "vit_video_tiny", mvd_epochs, s, **recipe, image_teacher=image["model"],
                           video_teacher=video["model"], mvd_teachers=_MVD_TEACHERS[arm])
         used = {"image": image["seconds"], "video": video["seconds"]}
         teachers = used.values() if arm == "mvd" else [used[_MVD_TEACHERS[arm]]]
