@@ -460,3 +460,28 @@ def test_a_dataset_without_usable_videos_stops_the_run_before_training(real, tmp
         stages.experts(cfg, progress=False, track=False)
     assert not (tmp_path / "experts" / "d0").exists()  # no expert trained
     assert not (tmp_path / "experts" / "manifest.json").exists()
+
+
+def test_bench_jedi_builds_pace_initialised_experts_with_views(tmp_path, monkeypatch):
+    """`vidistill bench jedi` trains its experts as issue 26 asks (pace-initialised, flips and crops) by default, and
+    refuses a pace domain that is one of the JEDI datasets before any work."""
+    from vidistill.benchmarks import jedi as bench
+
+    with pytest.raises(ConfigError, match="pace_domain must be"):
+        bench.bench_jedi(work=tmp_path, pace_domain=1)
+    with pytest.raises(ConfigError, match="expert_init must be"):
+        bench.bench_jedi(work=tmp_path, expert_init="imagenet")
+    seen = {}
+
+    def fake_experts(cfg, **kw):
+        seen["cfg"] = cfg
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(bench, "_prepare", lambda work, domains, vpc, val: [str(tmp_path / f"c{d}") for d in domains])
+    monkeypatch.setattr(bench, "_pace_encoder", lambda work, **kw: seen.setdefault("pace", kw) and "pace/model.pt")
+    monkeypatch.setattr(stages, "experts", fake_experts)
+    with pytest.raises(RuntimeError, match="stop"):
+        bench.bench_jedi(work=tmp_path, lr=1e-3)
+    cfg = seen["cfg"]
+    assert cfg.pretrained == "pace/model.pt" and (cfg.train.hflip, cfg.train.crop_scale) == (True, 0.5)
+    assert seen["pace"]["domain"] == 3 and Path(cfg.out).name == "experts0_pace_flip_crop0.5"
