@@ -485,3 +485,36 @@ def test_bench_jedi_builds_pace_initialised_experts_with_views(tmp_path, monkeyp
     cfg = seen["cfg"]
     assert cfg.pretrained == "pace/model.pt" and (cfg.train.hflip, cfg.train.crop_scale) == (True, 0.5)
     assert seen["pace"]["domain"] == 3 and Path(cfg.out).name == "experts0_pace_flip_crop0.5"
+
+
+def test_the_pipeline_experts_task_starts_the_experts_from_the_pretrain_encoder_artifact(real, tmp_path, monkeypatch):
+    """`experts_op`'s own function on real kfp artifacts: with `experts.pretrained` set (params.yaml's
+    runs/pretrain/model.pt), every expert starts from the `pretrain-encoder` task's model, whatever path the section
+    names; without a method that needs experts it does no work."""
+    from kfp import dsl
+
+    from vidistill.models import create_model
+    from vidistill.train import save_model
+    from vidistill_pipeline.components import experts_op
+
+    encoder = tmp_path / "pretrain"
+    torch.manual_seed(3)
+    save_model(encoder / "model.pt", create_model("r2plus1d_student", num_classes=3, frames=T, size=S),
+               classes=["1x", "2x", "3x"], extra={"pretext": "pace"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = {"name": "d0", "pretrained": "/nowhere/runs/pretrain/model.pt", "embed_batch_size": 8,
+              "datasets": [{"name": "d1", "clips": real["manifest"]["datasets"][1]["clips"]}],
+              "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "hflip": True, "crop_scale": 0.5}}
+
+    def call(name, methods):
+        out = dsl.Artifact(name="experts", uri=str(tmp_path / name))
+        experts_op.python_func(params=params, code_version="test", methods=methods,
+                               clips=dsl.Dataset(name="clips", uri=real["clips"]),
+                               pretrained=dsl.Model(name="model", uri=str(encoder)), experts=out)
+        return json.loads((Path(out.path) / "manifest.json").read_text())
+
+    assert call("skipped", ["none", "kd"])["datasets"] == []
+    manifest = call("ran", ["none", "jedi"])
+    assert manifest["expert_init"] == str(encoder / "model.pt")
+    assert manifest["expert_views"] == {"hflip": True, "crop_scale": 0.5}
+    assert [d["name"] for d in manifest["datasets"]] == ["d0", "d1"]
