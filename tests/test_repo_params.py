@@ -107,3 +107,25 @@ def test_d3d_with_the_rgb_teacher_control_reads_no_flow(world, tmp_path):
         set_dotted(data, key, value)
     result = stages.distill(from_dict(DistillConfig, data, where="distill."), progress=False, track=False)
     assert result["method"] == "d3d" and (tmp_path / "d3d_rgb" / "model.pt").is_file()
+
+
+def test_jedi_on_experts_built_by_the_repository_params(world, tmp_path):
+    """The experts stage with params.yaml's `experts` section (its other datasets, the pace encoder as `pretrained`,
+    flips and crops; tiny profile: 1 epoch), then jedi through the distill stage on those experts: what the
+    pipeline runs for `pipeline.methods: [..., jedi]`."""
+    from vidistill.config import ExpertsConfig
+
+    params = repo_params(tmp_path)
+    section = copy.deepcopy(params["experts"])
+    assert section["pretrained"] and section["train"]["hflip"] and section["train"]["crop_scale"] < 1
+    for key, value in {"clips": world["paths"]["clips"], "out": str(tmp_path / "experts"), "embed_batch_size": 8,
+                       "pretrained": world["paths"]["pretrained"], "train.device": "cpu"}.items():
+        set_dotted(section, key, value)
+    manifest = stages.experts(from_dict(ExpertsConfig, section, where="experts."), progress=False, track=False)
+    assert manifest["expert_init"] == world["paths"]["pretrained"] and len(manifest["datasets"]) == 3
+    data = copy.deepcopy(params["distill"])
+    for key, value in {"method": "jedi", "out": str(tmp_path / "jedi"), "train.device": "cpu", **world["paths"],
+                       "experts": str(tmp_path / "experts")}.items():
+        set_dotted(data, key, value)
+    result = stages.distill(from_dict(DistillConfig, data, where="distill."), progress=False, track=False)
+    assert result["method"] == "jedi" and (tmp_path / "jedi" / "model.pt").is_file()
