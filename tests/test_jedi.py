@@ -392,8 +392,9 @@ def test_experts_start_from_the_pretrained_encoder_and_train_with_flips_and_crop
 def test_a_scratch_expert_and_a_missing_encoder_are_named(real, tmp_path):
     cfg = replace(real["cfg"], out=str(tmp_path / "experts"), pretrained=str(tmp_path / "missing.pt"),
                   datasets=[{"name": "d1", "clips": real["manifest"]["datasets"][1]["clips"]}])
-    with pytest.raises(ConfigError, match="missing.pt does not exist"):
+    with pytest.raises(ConfigError, match=r"experts.pretrained .*missing.pt does not exist.*--section pretrain"):
         stages.experts(cfg, progress=False, track=False)
+    assert not (tmp_path / "experts").exists()  # refused before any expert trains
     assert real["manifest"]["expert_init"] == "scratch"
     with pytest.raises(ConfigError, match="teach.init initialises a classifier or a pace encoder"):
         TeachConfig(pretext="videomae", model="vit_video_tiny", init="pace.pt").validate()

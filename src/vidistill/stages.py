@@ -410,6 +410,9 @@ def experts(cfg: ExpertsConfig, *, progress: bool = True, track: bool = True) ->
     from vidistill.train import load_model, resolve_device
 
     out = Path(cfg.out)
+    if cfg.pretrained and not Path(cfg.pretrained).is_file():  # before any work
+        raise ConfigError(f"experts.pretrained {cfg.pretrained} does not exist: pre-train the encoder the experts start from "
+                          "(`vidistill teach --section pretrain`), or set experts.pretrained to \"\" to train them from scratch")
     (out / MANIFEST).unlink(missing_ok=True)  # a folder with a manifest is complete
     main = ClipDataset(cfg.clips, "train")  # the main dataset exists
     names, clips = [cfg.name], [cfg.clips]
