@@ -16,8 +16,9 @@ from vidistill.errors import ConfigError
 def test_method_jobs_come_from_the_registry_and_sweeps():
     jobs = method_jobs(["none", "d3d", "sd"], {})
     assert [(label, key) for label, key, _ in jobs] == [
-        ("none", "none"), ("d3d (lambda_=1)", "d3d"), ("d3d (lambda_=0.1)", "d3d"), ("sd (lambda_=0)", "sd"),
-        ("sd (lambda_=0.1)", "sd"), ("sd (lambda_=100)", "sd"), ("sd (lambda_=0, optimizer=train)", "sd"),
+        ("none", "none"), ("d3d (lambda_=1)", "d3d"), ("d3d (lambda_=0.1)", "d3d"), ("d3d (lambda_=1, teacher=rgb)", "d3d"),
+        ("sd (lambda_=0)", "sd"),
+        ("sd (lambda_=1)", "sd"), ("sd (lambda_=100)", "sd"), ("sd (lambda_=0, optimizer=train)", "sd"),
         ("sd (lambda_=100, optimizer=train)", "sd")]
     assert jobs[-1][2] == {"lambda_": 100.0, "optimizer": "train"}
     # a sweep replaces the method's default variants by every combination, typed by its Params

@@ -214,6 +214,35 @@ def test_d3d_teacher_sees_the_flow_of_the_same_clip(teachers):
     assert float(out["loss"]) == pytest.approx(float(out["ce"]) + float(out["distill"]), rel=1e-5)
 
 
+def test_d3d_distils_from_an_rgb_teacher_the_papers_control(teachers):
+    """Issue 26: `teacher: rgb` is Table 6's "D3D distilled from spatial stream": the same loss (eq. 2, summed
+    over the K logits), the RGB stream on the clip itself; no flow is read."""
+    cls = get_method("d3d")
+    rgb, flow = method_params("d3d", {"teacher": "rgb"}), method_params("d3d", None)
+    assert flow.teacher == "flow" and cls.needed_files(flow) == ("teacher_flow",) and cls.reads_flow(flow)
+    assert cls.needed_files(rgb) == ("teacher_rgb",) and not cls.reads_flow(rgb)
+    task = create_distiller("d3d", _student(), _ctx(teachers), {"lambda_": 0.5, "teacher": "rgb"})
+    assert list(task.teachers) == ["rgb"] and task.teachers["rgb"].modality == "rgb"
+    seen = {}
+    task.teachers["rgb"].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].clone()))
+    batch = _batch()
+    del batch["flow"]  # an RGB teacher needs none
+    task.train()
+    out = task(batch)
+    torch.testing.assert_close(seen["x"], batch["rgb"])
+    with torch.no_grad():
+        t_logits, _ = load_model(teachers["rgb"])[0].eval()(batch["rgb"])  # the RGB teacher file, on the clip
+    by_hand = float(((out["logits"].detach() - t_logits) ** 2).sum(1).mean())  # Σ over K, mean over clips
+    assert float(out["distill"]) == pytest.approx(by_hand, rel=1e-4)
+    assert float(out["loss"]) == pytest.approx(float(out["ce"]) + 0.5 * by_hand, rel=1e-4)
+    swapped = _ctx({**teachers, "rgb": teachers["flow"], "flow": teachers["rgb"]})  # each file of the other modality
+    for teacher, modality in (("rgb", "flow"), ("flow", "rgb")):
+        with pytest.raises(ConfigError, match=f"teacher is '{teacher}', but .* takes {modality}"):
+            create_distiller("d3d", _student(), swapped, {"teacher": teacher})
+    with pytest.raises(ConfigError, match="teacher must be one of flow, rgb"):
+        method_params("d3d", {"teacher": "depth"})
+
+
 def test_hflip_flips_rgb_and_flow_together_and_negates_u():
     b = _batch(8)
     f = hflip_batch(b, torch.Generator().manual_seed(3))

@@ -16,7 +16,8 @@ import torch
 
 from helpers_jedi import tiny_experts
 from vidistill import cli, stages
-from vidistill.config import ConfigError, DistillConfig, ExpertsConfig, PrepConfig, SynthConfig, TrainConfig, from_dict
+from vidistill.config import (ConfigError, DistillConfig, ExpertsConfig, PrepConfig, SynthConfig, TeachConfig, TrainConfig,
+                              from_dict)
 from vidistill.data import ClipDataset
 from vidistill.data.multi import EmbeddingSet, cache_embeddings, holdout_mask, holdout_split, read_experts
 from vidistill.distill import DistillContext, get_method, method_params
@@ -248,14 +249,25 @@ def test_the_exported_student_equals_the_cached_embedding_path_and_passes_onnx_p
 # parameters, data
 
 
-def test_bad_hyperparameters_and_hflip_are_refused():
+def test_bad_hyperparameters_are_refused():
     for params, message in (({"gamma": -1}, "jedi.gamma must be >= 0"), ({"ensemble_input": "logits"}, "ensemble_input"),
                             ({"kd_data": "kinetics"}, "kd_data"), ({"adjust_dropout": 1.0}, "adjust_dropout"),
                             ({"lr": 0}, "lr must be > 0"), ({"burn_in": -1}, "burn_in")):
         with pytest.raises(ConfigError, match=message):
             method_params("jedi", params)
-    with pytest.raises(ConfigError, match="hflip.*unaugmented"):
-        get_method("jedi").train_config(method_params("jedi", {}), TrainConfig(hflip=True))
+
+
+def test_the_training_views_of_distill_train_are_off_for_cached_embeddings(experts):
+    """Issue 26: params.yaml's `distill.train` has flips and crops; jedi trains on embeddings, so its own
+    train_config turns both off (it used to refuse hflip, and then crop a batch of embeddings)."""
+    cfg = get_method("jedi").train_config(method_params("jedi", {}), TrainConfig(hflip=True, crop_scale=0.5))
+    assert not cfg.hflip and cfg.crop_scale == 1.0
+    cfg.validate()
+    from vidistill.data.augment import augment_batch
+
+    batch = _batch(EmbeddingSet(experts[0], "train"), [0, 1])
+    with pytest.raises(ValueError, match="need clips"):  # what the loop would do with views on: a clear refusal
+        augment_batch(batch, torch.Generator().manual_seed(0), crop_scale=0.5)
 
 
 def test_the_validation_split_is_stratified_seeded_and_disjoint():
@@ -327,6 +339,67 @@ def test_the_experts_stage_prepares_trains_and_caches_every_dataset(real):
     assert read_experts(real["experts"]) == json.loads((Path(real["experts"]) / "manifest.json").read_text())
 
 
+def test_experts_start_from_the_pretrained_encoder_and_train_with_flips_and_crops(real, tmp_path, monkeypatch):
+    """Issue 26: JEDI's experts are pre-trained, then fine-tuned with augmentation (paper sec. 4.3). `experts.pretrained`
+    (the pace encoder) initialises every expert's encoder, its head stays new, and `experts.train`'s flips and crops
+    reach the training loop; the cached embeddings are still made without augmentation."""
+    import vidistill.train
+    import vidistill.train.loop as loop
+    from vidistill.models import create_model
+    from vidistill.train import save_model
+
+    torch.manual_seed(7)
+    kw = {"num_classes": 3, "frames": T, "size": S}  # a pace encoder: 3 speeds, not the datasets' classes
+    pace = create_model("r2plus1d_student", **kw)
+    pretrained = save_model(tmp_path / "pace.pt", pace, classes=["1x", "2x", "3x"], extra={"pretext": "pace"})
+    encoder = {k: v for k, v in pace.state_dict().items() if not k.startswith("head.")}
+    started, views = [], []
+    real_fit, real_augment = vidistill.train.fit, loop.augment_batch
+
+    def spy_fit(task, train_set, cfg, *args, **kwargs):
+        started.append(({k: v.clone() for k, v in task.student.state_dict().items()}, cfg.hflip, cfg.crop_scale))
+        return real_fit(task, train_set, cfg, *args, **kwargs)
+
+    def spy_augment(batch, generator, **kwargs):
+        views.append((kwargs.get("hflip"), kwargs.get("crop_scale")))
+        return real_augment(batch, generator, **kwargs)
+
+    monkeypatch.setattr(vidistill.train, "fit", spy_fit)
+    monkeypatch.setattr(loop, "augment_batch", spy_augment)
+    d1 = real["manifest"]["datasets"][1]
+    cfg = replace(real["cfg"], out=str(tmp_path / "experts"), pretrained=str(pretrained),
+                  datasets=[{"name": "d1", "clips": d1["clips"]}],
+                  train=TrainConfig(epochs=1, batch_size=8, device="cpu", hflip=True, crop_scale=0.5))
+    manifest = stages.experts(cfg, progress=False, track=False)
+    assert len(started) == 2  # one expert per dataset
+    for state, hflip, crop in started:
+        for k, v in encoder.items():
+            assert torch.equal(state[k], v), f"expert weight {k} does not start from the pretrained encoder"
+        assert state["head.weight"].shape[0] in (8, 6)  # the dataset's classes: a new head
+        assert (hflip, crop) == (True, 0.5)
+    assert views and set(views) == {(True, 0.5)}  # every training batch of every expert got a view
+    assert manifest["expert_init"] == str(pretrained)
+    assert manifest["expert_views"] == {"hflip": True, "crop_scale": 0.5}
+    expert, info = load_model(Path(cfg.out) / "d0" / "model.pt")
+    assert info["extra"]["init"] == str(pretrained)
+    with np.load(Path(cfg.out) / "embeddings" / "d0" / "test.npz") as z:  # cached without views: deterministic
+        test = ClipDataset(real["clips"], "test")
+        with torch.no_grad():
+            _, feats = expert.eval()(torch.stack([test[i]["rgb"] for i in range(len(test))]))
+        np.testing.assert_allclose(z["e0"], feats.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_scratch_expert_and_a_missing_encoder_are_named(real, tmp_path):
+    cfg = replace(real["cfg"], out=str(tmp_path / "experts"), pretrained=str(tmp_path / "missing.pt"),
+                  datasets=[{"name": "d1", "clips": real["manifest"]["datasets"][1]["clips"]}])
+    with pytest.raises(ConfigError, match=r"experts.pretrained .*missing.pt does not exist.*--section pretrain"):
+        stages.experts(cfg, progress=False, track=False)
+    assert not (tmp_path / "experts").exists()  # refused before any expert trains
+    assert real["manifest"]["expert_init"] == "scratch"
+    with pytest.raises(ConfigError, match="teach.init initialises a classifier or a pace encoder"):
+        TeachConfig(pretext="videomae", model="vit_video_tiny", init="pace.pt").validate()
+
+
 def test_distill_jedi_trains_exports_and_matches_the_cached_path(real, tmp_path, capsys):
     out = tmp_path / "jedi"
     params = tmp_path / "params.yaml"
@@ -388,3 +461,61 @@ def test_a_dataset_without_usable_videos_stops_the_run_before_training(real, tmp
         stages.experts(cfg, progress=False, track=False)
     assert not (tmp_path / "experts" / "d0").exists()  # no expert trained
     assert not (tmp_path / "experts" / "manifest.json").exists()
+
+
+def test_bench_jedi_builds_pace_initialised_experts_with_views(tmp_path, monkeypatch):
+    """`vidistill bench jedi` trains its experts as issue 26 asks (pace-initialised, flips and crops) by default, and
+    refuses a pace domain that is one of the JEDI datasets before any work."""
+    from vidistill.benchmarks import jedi as bench
+
+    with pytest.raises(ConfigError, match="pace_domain must be"):
+        bench.bench_jedi(work=tmp_path, pace_domain=1)
+    with pytest.raises(ConfigError, match="expert_init must be"):
+        bench.bench_jedi(work=tmp_path, expert_init="imagenet")
+    seen = {}
+
+    def fake_experts(cfg, **kw):
+        seen["cfg"] = cfg
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(bench, "_prepare", lambda work, domains, vpc, val: [str(tmp_path / f"c{d}") for d in domains])
+    monkeypatch.setattr(bench, "_pace_encoder", lambda work, **kw: seen.setdefault("pace", kw) and "pace/model.pt")
+    monkeypatch.setattr(stages, "experts", fake_experts)
+    with pytest.raises(RuntimeError, match="stop"):
+        bench.bench_jedi(work=tmp_path, lr=1e-3)
+    cfg = seen["cfg"]
+    assert cfg.pretrained == "pace/model.pt" and (cfg.train.hflip, cfg.train.crop_scale) == (True, 0.5)
+    assert seen["pace"]["domain"] == 3 and Path(cfg.out).name == "experts0_pace_flip_crop0.5"
+
+
+def test_the_pipeline_experts_task_starts_the_experts_from_the_pretrain_encoder_artifact(real, tmp_path, monkeypatch):
+    """`experts_op`'s own function on real kfp artifacts: with `experts.pretrained` set (params.yaml's
+    runs/pretrain/model.pt), every expert starts from the `pretrain-encoder` task's model, whatever path the section
+    names; without a method that needs experts it does no work."""
+    from kfp import dsl
+
+    from vidistill.models import create_model
+    from vidistill.train import save_model
+    from vidistill_pipeline.components import experts_op
+
+    encoder = tmp_path / "pretrain"
+    torch.manual_seed(3)
+    save_model(encoder / "model.pt", create_model("r2plus1d_student", num_classes=3, frames=T, size=S),
+               classes=["1x", "2x", "3x"], extra={"pretext": "pace"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = {"name": "d0", "pretrained": "/nowhere/runs/pretrain/model.pt", "embed_batch_size": 8,
+              "datasets": [{"name": "d1", "clips": real["manifest"]["datasets"][1]["clips"]}],
+              "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "hflip": True, "crop_scale": 0.5}}
+
+    def call(name, methods):
+        out = dsl.Artifact(name="experts", uri=str(tmp_path / name))
+        experts_op.python_func(params=params, code_version="test", methods=methods,
+                               clips=dsl.Dataset(name="clips", uri=real["clips"]),
+                               pretrained=dsl.Model(name="model", uri=str(encoder)), experts=out)
+        return json.loads((Path(out.path) / "manifest.json").read_text())
+
+    assert call("skipped", ["none", "kd"])["datasets"] == []
+    manifest = call("ran", ["none", "jedi"])
+    assert manifest["expert_init"] == str(encoder / "model.pt")
+    assert manifest["expert_views"] == {"hflip": True, "crop_scale": 0.5}
+    assert [d["name"] for d in manifest["datasets"]] == ["d0", "d1"]

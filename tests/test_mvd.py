@@ -9,7 +9,9 @@ mvd` (evaluated and exported with ONNX parity like every student).
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from vidistill import cli, stages
 from vidistill.config import ConfigError, DistillConfig, ExportConfig, PrepConfig, SynthConfig, TeachConfig, TrainConfig
 from vidistill.data import ClipDataset
 from vidistill.data.pool import FrameClips, unlabelled_pool
-from vidistill.distill import DistillContext, create_distiller, get_method
+from vidistill.distill import DistillContext, create_distiller, get_method, method_params
 from vidistill.models import create_model
 from vidistill.models.masking import tube_mask
 from vidistill.train import fit, load_model, save_model
@@ -276,6 +278,78 @@ def test_held_out_reconstruction_loss_falls_and_models_carry_their_pretext(pretr
     assert "train_acc" not in history[-1] and "heldout_loss" in history[-1]
 
 
+def test_frames_get_the_same_view_as_one_frame_clips():
+    """MAE's batches are frames `(B, 3, H, W)`: a view crops and flips them as it would one-frame clips."""
+    from vidistill.data.augment import apply_views, augment_batch, sample_views
+
+    frames = torch.rand(6, 3, S, S, generator=torch.Generator().manual_seed(0))
+    out = augment_batch({"rgb": frames, "label": torch.zeros(6, dtype=torch.long)}, torch.Generator().manual_seed(1),
+                        hflip=True, crop_scale=0.2)
+    views = sample_views(6, torch.Generator().manual_seed(1), hflip=True, crop_scale=0.2)
+    assert out["rgb"].shape == frames.shape
+    torch.testing.assert_close(out["rgb"], apply_views(frames.unsqueeze(2), views).squeeze(2))
+    assert not torch.equal(out["rgb"], frames)
+
+
+@pytest.mark.parametrize("section", ["image_teacher", "video_teacher", "student"])
+def test_every_pretext_of_params_yaml_trains_on_the_releases_views(section, data, pretrained, tmp_path, monkeypatch):
+    """Issue 26: params.yaml's `mvd_pretrain` pretexts train with the releases' views (`PRETEXT_VIEWS`): MAE random
+    resized crops from 20 % of the area and flips; VideoMAE's and MVD's multi-scale crops, no flip. One epoch of
+    each, on the section's own settings, with every training batch's view recorded."""
+    import vidistill.train.loop as loop
+    from vidistill.config import load_params
+    from vidistill.schema import from_dict
+    from vidistill.train.pretext import PRETEXT_VIEWS
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["mvd_pretrain"][section]
+    cfg = from_dict(TeachConfig, params, where=f"mvd_pretrain.{section}.")
+    assert {"hflip": cfg.train.hflip, "crop_scale": cfg.train.crop_scale} == PRETEXT_VIEWS[cfg.pretext]
+    cfg = replace(cfg, clips=data["clips"], out=str(tmp_path / section), image_teacher=pretrained["mae"]["model"],
+                  video_teacher=pretrained["videomae"]["model"],
+                  train=replace(cfg.train, epochs=1, warmup_epochs=0, batch_size=8, device="cpu"))
+    seen = []
+    real_augment = loop.augment_batch
+
+    def spy(batch, generator, **kw):
+        out = real_augment(batch, generator, **kw)
+        seen.append((kw["hflip"], kw["crop_scale"], tuple(batch["rgb"].shape), bool(torch.equal(out["rgb"], batch["rgb"]))))
+        return out
+
+    monkeypatch.setattr(loop, "augment_batch", spy)
+    r = stages.teach(cfg, progress=False, track=False)
+    assert math.isfinite(r["heldout_loss"])
+    want = PRETEXT_VIEWS[cfg.pretext]
+    assert seen and all((h, c) == (want["hflip"], want["crop_scale"]) for h, c, _, _ in seen)
+    assert all(len(shape) == (4 if cfg.pretext == "mae" else 5) for _, _, shape, _ in seen)
+    assert not any(same for *_, same in seen)  # the views changed every batch
+
+
+def test_the_release_decoders_scaled_to_our_widths_and_the_videomae_small_data_recipe(data, tmp_path):
+    """Issue 26: `teach.recipe: release` builds each pretext's release decoder scaled to the encoder (MAE 8 x 2/3,
+    VideoMAE 4 x 1/2, MVD 2 x 1); `small_data` is VideoMAE's UCF101 recipe, tube masking 0.75 with its 4-block
+    decoder. Checked by hand for our 96-wide, 3-head ViTs and on a real one-epoch run."""
+    from vidistill.train.pretext import recipe_decoder
+
+    assert recipe_decoder("mae", 96, 3) == (8, 64, 2)  # 512/768 of the width, 16 heads of 32 -> 2 of 32
+    assert recipe_decoder("videomae", 96, 3) == (4, 48, 2)
+    assert recipe_decoder("mvd", 96, 3) == (2, 96, 3)
+    assert recipe_decoder("videomae", 768, 12) == (4, 384, 6)  # the release's own numbers back
+    assert recipe_decoder("mae", 768, 12)[:2] == (8, 512)
+    cfg = TeachConfig(clips=data["clips"], out=str(tmp_path / "small"), model="vit_video_tiny", pretext="videomae",
+                      recipe="small_data", train=_train(epochs=1, warmup_epochs=0))
+    cfg.validate()
+    assert cfg.mask_ratio == 0.75
+    r = stages.teach(cfg, progress=False, track=False)
+    _, info = load_model(r["model"])
+    assert info["extra"]["decoder"] == [4, 48, 2] and info["extra"]["mask_ratio"] == 0.75
+    assert info["extra"]["recipe"] == "small_data"
+    for bad, match in (({"pretext": "mae", "model": "vit_image_tiny", "recipe": "small_data"}, "is VideoMAE's"),
+                       ({"pretext": "none", "recipe": "release"}, "is for the masked pretexts"),
+                       ({"pretext": "mvd", "recipe": "big"}, "recipe must be one of")):
+        with pytest.raises(ConfigError, match=match):
+            TeachConfig(**bad).validate()
+
+
 def test_the_pool_is_the_train_split_and_a_test_video_in_it_is_refused(data, tmp_path):
     pool = unlabelled_pool(data["clips"])
     test = ClipDataset(data["clips"], "test")
@@ -362,10 +436,48 @@ def test_the_fine_tuned_student_starts_from_the_encoder_not_its_head(data, pretr
     for k, v in source.state_dict().items():
         if k.startswith("head."):  # re-initialised: the fresh model's (both biases start at zero)
             assert torch.equal(task.student.state_dict()[k], fresh[k]), k
+        elif k.startswith("norm."):  # fc_norm (the default): the pre-trained final LayerNorm is dropped
+            assert k not in task.student.state_dict()
         else:
             assert torch.equal(task.student.state_dict()[k], v), f"{k} was not loaded"
     assert not torch.equal(fresh["head.weight"], source.state_dict()["head.weight"])  # so the check above can fail
-    assert task.fresh == ["head.bias", "head.weight"] and type(task.student).__name__ == "VisionTransformer"
+    assert task.fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert type(task.student).__name__ == "VisionTransformer"
+
+
+def test_fine_tuning_with_fc_norm_as_the_release_and_with_the_final_norm(data, pretrained):
+    """Issue 26: the release's fine-tuning head (`modeling_finetune.py`, `use_mean_pooling`): the mean of the last
+    block's tokens, a new LayerNorm `fc_norm`, the head at 0.001 of its initialisation; `head: final_norm` keeps
+    the pre-trained final LayerNorm on every token (the reading before)."""
+    train = ClipDataset(data["clips"], "train")
+    ctx = DistillContext(num_classes=train.num_classes, classes=train.classes, frames=T, size=S,
+                         mvd_encoder=pretrained["mvd"]["model"])
+    cls = get_method("mvd")
+    x = _clips(3)
+    source, _ = load_model(pretrained["mvd"]["model"])
+    with torch.no_grad():
+        last_block = source.forward_tokens(x, final_norm=False)  # (B, N, D)
+        mean = last_block.mean(1)
+        for head in ("fc_norm", "final_norm"):
+            params = method_params("mvd", {"head": head})
+            torch.manual_seed(0)
+            task = cls(cls.build_student(params, ctx, default="r2plus1d_student"), params, ctx)
+            student = task.student.eval()
+            logits, features = student(x)
+            if head == "fc_norm":
+                ln = student.fc_norm
+                want = torch.nn.functional.layer_norm(mean, (mean.shape[1],), ln.weight, ln.bias, ln.eps)
+                torch.testing.assert_close(features, want, rtol=1e-5, atol=1e-5)
+                assert torch.equal(ln.weight, torch.ones_like(ln.weight))  # new, not copied
+                torch.manual_seed(0)
+                plain = create_model("vit_video_tiny", num_classes=train.num_classes, frames=T, size=S, pool="fc_norm")
+                torch.testing.assert_close(student.head.weight, 0.001 * plain.head.weight)
+            else:
+                torch.testing.assert_close(features, source.forward_tokens(x).mean(1), rtol=1e-5, atol=1e-5)
+                assert student.fc_norm is None
+            torch.testing.assert_close(logits, student.head(features))
+    with pytest.raises(ConfigError, match="head must be one of fc_norm, final_norm"):
+        method_params("mvd", {"head": "cls"})
 
 
 def test_fine_tuning_refuses_an_encoder_of_the_wrong_pretext_and_scratch_needs_none(data, pretrained):

@@ -137,6 +137,87 @@ def test_dropout_zeroes_round_beta_t_frames_of_every_clip():
     assert torch.equal(interrupt(x, beta=0.05, eta=0.5, generator=torch.Generator()), x)  # round(0.4) = 0 frames
 
 
+def test_a_dropped_frame_is_black_or_the_mean_colour_as_the_release():
+    """Issue 26: `drop_fill: black` (default) is 0 in [0, 1] space, ≈ −1.8 after the models' normalisation;
+    `mean` is the normalisation's mean colour, 0 after it, as the release zeroes frames of normalised clips."""
+    from vidistill.models.base import RGB_MEAN, RGB_STD
+
+    x = torch.rand(3, 3, 8, 4, 4) * 0.5 + 0.25  # no frame is black or the mean colour to begin with
+    mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1, 1)
+    std = torch.tensor(RGB_STD).view(1, 3, 1, 1, 1)
+    outs = {fill: interrupt(x, beta=0.3, eta=0.5, generator=torch.Generator().manual_seed(0), fill=fill)
+            for fill in ("black", "mean")}
+    dropped = (outs["black"] != x).flatten(3).any(-1).any(1)  # (B, T)
+    assert dropped.sum(1).tolist() == [2, 2, 2]  # round(0.3·8), the same frames whatever the colour
+    assert torch.equal((outs["mean"] != x).flatten(3).any(-1).any(1), dropped)
+    frames = dropped.view(3, 1, 8, 1, 1).expand_as(x)
+    normalised = {fill: (out - mean) / std for fill, out in outs.items()}
+    assert bool((outs["black"][frames] == 0).all())
+    assert float(normalised["mean"].masked_select(frames).abs().max()) < 1e-6  # 0 after normalisation
+    black = normalised["black"].transpose(1, 2)[dropped]  # (6, 3, 4, 4): each channel at −mean/std
+    torch.testing.assert_close(black.mean((0, 2, 3)), -torch.tensor(RGB_MEAN) / torch.tensor(RGB_STD))
+    assert torch.equal(outs["mean"][~frames], x[~frames])
+    assert method_params("sakd", None).drop_fill == "black"
+    with pytest.raises(ConfigError, match="drop_fill must be one of black, mean"):
+        method_params("sakd", {"drop_fill": "grey"})
+
+
+def test_the_scoring_pass_drops_frames_to_the_chosen_colour(teacher):
+    from vidistill.models.base import RGB_MEAN
+
+    task = _task(teacher, score_batch=16, drop_fill="mean")
+    task.setup(Clips(), epochs=4)
+    seen = []
+    task.teachers["rgb"].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    task.on_epoch_start(0)  # β(1) = 0.228, T = 4: one frame per clip
+    frames = seen[0].transpose(1, 2).flatten(3)  # (16, T, 3, S·S)
+    filled = (frames == torch.tensor(RGB_MEAN).view(1, 1, 3, 1)).all(-1).all(-1)  # (16, T)
+    assert filled.sum(1).tolist() == [1] * 16
+
+
+def test_alpha_scale_and_kd_weights_of_the_release():
+    """`alpha_scale: code`: q min-max normalised, the first round's α = q (no β); `kd_weights: code`: the release's
+    2·((1 − α)·0.1·CE + α·0.9·KD). Defaults: the paper text."""
+    p = selection_probability(torch.zeros(4, dtype=torch.int64), rounds=0, eps=1.0)  # all 1
+    kd = torch.tensor([0.2, 0.8, 0.4, 0.6])
+    q_code = transfer_ease(kd, p, norm="minmax")  # (L̃ − 0.2)/0.6
+    torch.testing.assert_close(q_code, torch.tensor([0.0, 1.0, 1 / 3, 2 / 3], dtype=torch.float64))
+    torch.testing.assert_close(transfer_ease(kd, p), torch.tensor([0.25, 1.0, 0.5, 0.75], dtype=torch.float64))
+    zero = torch.zeros(4)
+    torch.testing.assert_close(update_alpha(zero, q_code, 0.1, 0.5, first=True, scale="code"), q_code.float())
+    torch.testing.assert_close(update_alpha(zero, q_code, 0.1, 0.5, first=True), 0.05 * q_code.float())  # paper: β·q/2
+    later = update_alpha(torch.full((4,), 0.4), q_code, 0.1, 0.1, scale="code")  # eq. 6 after the first round
+    torch.testing.assert_close(later, (0.04 + 0.9 * 0.1 * q_code).float())
+    s, t = torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, 0.0]])
+    labels, alpha = torch.tensor([0, 1]), torch.tensor([0.25, 0.5])
+    ce = [math.log(1 + math.exp(-2)), math.log(2)]
+    kdv = [4 * (math.e - 1) / (math.e + 1), 0.0]
+    expected = 2 * ((0.75 * 0.1 * ce[0] + 0.25 * 0.9 * kdv[0]) + (0.5 * 0.1 * ce[1] + 0.5 * 0.9 * kdv[1])) / 2
+    assert float(sakd_loss(s, t, labels, alpha, tau=2.0, weights=(0.2, 1.8))) == pytest.approx(expected, rel=1e-6)
+    hp = method_params("sakd", None)
+    assert (hp.alpha_scale, hp.kd_weights, hp.drop_fill) == ("paper", "paper", "black")
+    for bad, match in (({"alpha_scale": "big"}, "alpha_scale must be one of paper, code"),
+                       ({"kd_weights": "vanilla"}, "kd_weights must be one of paper, code")):
+        with pytest.raises(ConfigError, match=match):
+            method_params("sakd", bad)
+
+
+def test_a_first_round_with_the_release_alpha_scale_sets_alpha_to_q(teacher):
+    task = _task(teacher, r=0.25, alpha_scale="code", kd_weights="code")
+    task.setup(Clips(), epochs=4)
+    task.on_epoch_start(0)
+    q = transfer_ease(task.kd_score, selection_probability(torch.zeros(16, dtype=torch.int64), 0, 1.0), norm="minmax")
+    torch.testing.assert_close(task.alpha, q.float(), rtol=0, atol=0)
+    assert float(task.alpha.max()) == 1.0 and float(task.alpha.min()) == 0.0
+    batch = {"rgb": Clips().rgb[[1, 2]], "label": torch.tensor([1, 2]), "index": torch.tensor([1, 2])}
+    task.train()
+    out = task(batch)
+    with torch.no_grad():
+        t_logits, _ = task.teachers["rgb"](batch["rgb"])
+    want = sakd_loss(out["logits"], t_logits, batch["label"], task.alpha[[1, 2]], tau=4.0, weights=(0.2, 1.8))
+    assert float(out["loss"]) == pytest.approx(float(want), rel=1e-5)
+
+
 def test_shuffling_moves_eta_of_the_batch_frames_across_clips():
     x = torch.rand(4, 3, 8, 6, 6)
     out = interrupt(x, beta=0.7, eta=0.5, generator=torch.Generator().manual_seed(0))  # 16 of 32 slots

@@ -1,6 +1,7 @@
-"""SD as the paper states it: eq. 2 over the feature map before pooling (hand-computed), the head never
-copied from the source model, SGD momentum 0.9 without Nesterov or clipping at the paper's lr as the
-method's own training settings, and the paper's λ sweep through `bench methods`."""
+"""SD as the paper states it: eq. 2 over the feature map before pooling (hand-computed, in the paper's λ units:
+mean over the map's elements, and in the literal sum), the head never copied from the source model, SGD momentum
+0.9 without Nesterov or clipping at the paper's lr and RSPNet's weight decay as the method's own training
+settings, every labelled video on request, and the paper's λ sweep through `bench methods`."""
 
 from __future__ import annotations
 
@@ -51,10 +52,39 @@ def test_sd_term_over_a_feature_map_by_hand():
     assert sd_loss(s.mean((2, 3, 4)), t.mean((2, 3, 4))).tolist() == [2.25 + 12.25, 1.0 + 0.0]
 
 
+def test_sd_term_in_the_paper_units_by_hand():
+    """Issue 26: eq. 2 mean-reduced over the map's elements, the units of the paper's λ grid (0.1 ... 1000)."""
+    s = torch.tensor([[[[[1.0, 2.0]]], [[[3.0, 4.0]]]], [[[[0.0, 0.0]]], [[[0.0, 0.0]]]]])  # (B=2, D=2, T'=1, H'=1, W'=2)
+    t = torch.tensor([[[[[0.0, 0.0]]], [[[0.0, 0.0]]]], [[[[1.0, 1.0]]], [[[1.0, -1.0]]]]])
+    assert sd_loss(s, t, "mean").tolist() == [7.5, 1.0]  # (1 + 4 + 9 + 16) / 4 ; (1 + 1 + 1 + 1) / 4
+    assert sd_loss(s, t, "sum").tolist() == [30.0, 4.0]
+    assert method_params("sd", None).reduction == "mean" and method_params("sd", None).lambda_ == 100.0
+    with pytest.raises(ConfigError, match="reduction must be one of mean, sum"):
+        method_params("sd", {"reduction": "max"})
+
+
+def test_the_default_sd_step_is_lambda_times_the_mean_squared_error_of_the_map(source):
+    """A whole step at the defaults (λ = 100, mean units) against a hand computation with nn.MSELoss semantics."""
+    task = create_distiller("sd", create_model("r2plus1d_student", num_classes=K, frames=T, size=S), _ctx(source), {})
+    task.on_epoch_start(0)
+    with torch.no_grad():
+        next(task.student.stages[-1].parameters()).add_(0.05)
+    task.train()
+    x = _rgb()
+    out = task({"rgb": x, "label": torch.tensor([0, 1, 2, 0])})
+    with torch.no_grad():
+        fs, ft = task.student.forward_map(x), task.teachers["snapshot"].forward_map(x)
+        mse = float(torch.nn.functional.mse_loss(fs, ft))  # mean over B and every element of the map
+    assert mse > 1e-6
+    assert float(out["sd"].detach()) == pytest.approx(mse, rel=1e-4)
+    assert float(out["loss"].detach()) == pytest.approx(float(out["ce"].detach()) + 100.0 * mse, rel=1e-4)
+
+
 @pytest.mark.parametrize("features", ["map", "pooled"])
-def test_the_sd_term_of_a_step_is_the_hand_computed_distance_to_the_snapshot(source, features):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_sd_term_of_a_step_is_the_hand_computed_distance_to_the_snapshot(source, features, reduction):
     task = create_distiller("sd", create_model("r2plus1d_student", num_classes=K, frames=T, size=S), _ctx(source),
-                            {"lambda_": 10.0, "features": features})
+                            {"lambda_": 10.0, "features": features, "reduction": reduction})
     task.on_epoch_start(0)
     with torch.no_grad():  # the student moves away from its snapshot
         next(task.student.stages[-1].parameters()).add_(0.05)
@@ -65,8 +95,9 @@ def test_the_sd_term_of_a_step_is_the_hand_computed_distance_to_the_snapshot(sou
         fs, ft = task.student.forward_map(x), task.teachers["snapshot"].forward_map(x)  # (B, D, T', H', W')
         if features == "pooled":
             fs, ft = fs.mean((2, 3, 4)), ft.mean((2, 3, 4))
-        by_hand = float(((fs - ft) ** 2).flatten(1).sum(1).mean())
-    assert by_hand > 1e-4
+        squared = ((fs - ft) ** 2).flatten(1)
+        by_hand = float((squared.mean(1) if reduction == "mean" else squared.sum(1)).mean())
+    assert by_hand > 1e-6
     assert float(out["sd"].detach()) == pytest.approx(by_hand, rel=1e-4)
     assert float(out["loss"].detach()) == pytest.approx(float(out["ce"].detach()) + 10.0 * by_hand, rel=1e-4)
 
@@ -98,11 +129,13 @@ def test_the_head_is_never_copied_from_the_source(source):
 
 
 def test_the_paper_optimiser_is_the_method_own_training_setting():
-    train = TrainConfig(lr=3e-3, optimizer="adamw", grad_clip=5.0, epochs=7, weight_decay=1e-4)
+    train = TrainConfig(lr=3e-3, optimizer="adamw", grad_clip=5.0, epochs=7, weight_decay=5e-4)
     sd = get_method("sd")
     cfg = sd.train_config(method_params("sd", None), train)
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.grad_clip) == ("sgd", 0.1, 0.9, False, 0.0)
-    assert (cfg.epochs, cfg.weight_decay) == (7, 1e-4)  # the rest stays distill.train's
+    assert cfg.weight_decay == 1e-4  # RSPNet's fine-tuning recipe, not distill.train's 5e-4
+    assert cfg.epochs == 7  # the rest stays distill.train's
+    assert sd.train_config(method_params("sd", {"weight_decay": 0.0}), train).weight_decay == 0.0
     opt = build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg)
     assert isinstance(opt, torch.optim.SGD)
     assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["nesterov"] is False
@@ -133,6 +166,25 @@ def test_distill_stage_trains_sd_with_its_own_optimiser(tmp_path):
     group = load_checkpoint(tmp_path / "sd" / "checkpoints" / "last.pt")["optimizer"]["param_groups"][0]
     assert (group["momentum"], group["nesterov"], group["initial_lr"]) == (0.9, False, 0.1)
     assert "dampening" in group  # torch.optim.SGD's state, not AdamW's
+    assert group["weight_decay"] == 1e-4
+
+
+def test_labelled_all_trains_on_every_labelled_video(source, tmp_path):
+    """`labelled: all`: every labelled video of the training split counts in an epoch, whatever
+    `student_videos_per_class` keeps for the other students."""
+    synth = SynthConfig(out=str(tmp_path / "raw"), videos_per_class=3, frames=8, width=48, height=36, seed=0)
+    prep = PrepConfig(dataset="synthetic", root=synth.out, out=str(tmp_path / "clips"), frames=T, stride=2,
+                      short_side=S, crop=S, synth=synth, test_fraction=0.34)
+    stages.prep(prep, progress=False, track=False)
+    every, subset = ClipDataset(prep.out, "train"), ClipDataset(prep.out, "train", videos_per_class=1)
+    assert len(subset) < len(every)
+    ctx = DistillContext(num_classes=every.num_classes, classes=every.classes, frames=T, size=S, pretrained=source)
+    student = lambda: create_model("r2plus1d_student", num_classes=every.num_classes, frames=T, size=S)  # noqa: E731
+    assert create_distiller("sd", student(), ctx, {}).train_dataset(subset) is subset  # default: the students' subset
+    chosen = create_distiller("sd", student(), ctx, {"labelled": "all"}).train_dataset(subset)
+    assert len(chosen) == len(every) and list(chosen.video_ids) == list(every.video_ids)
+    with pytest.raises(ConfigError, match="labelled must be one of subset, all"):
+        method_params("sd", {"labelled": "some"})
 
 
 def test_the_paper_lambda_sweep_through_bench_methods():

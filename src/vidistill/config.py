@@ -245,11 +245,16 @@ class TeachConfig:
     # mvd: masked video distillation from an MAE and a VideoMAE teacher (the self-supervised ones never read labels)
     pretext: str = "none"
     paces: int = 3  # pace: speeds 1x .. paces x
+    init: str = ""  # model.pt whose encoder (every weight but the head) initialises the model, e.g. the pace encoder; "" = from scratch
     pretext_frames: int = 8  # pace: frames per clip, sampled from longer prep clips
     mask_ratio: float = 0.0  # mae/videomae/mvd: masked fraction; 0 = the paper's (mae 0.75, videomae and mvd 0.9)
     decoder_depth: int = 2  # mae/videomae/mvd: decoder blocks (MVD --decoder_depth 2)
     decoder_dim: int = 0  # decoder width; 0 = the encoder's
     decoder_heads: int = 0  # decoder heads; 0 = the encoder's
+    # "" (the decoder_* keys) | release: the release's decoder for the pretext scaled to our widths (MAE 8 blocks x 2/3
+    # the width, VideoMAE 4 x 1/2, MVD 2 x 1; train/pretext.py RELEASE_DECODERS) | small_data: VideoMAE's small-data
+    # recipe (UCF101: tube masking 0.75, its 4-block decoder)
+    recipe: str = ""
     image_teacher: str = "runs/mvd/image_teacher/model.pt"  # mvd: the MAE image teacher
     video_teacher: str = "runs/mvd/video_teacher/model.pt"  # mvd: the VideoMAE video teacher
     mvd_teachers: str = "both"  # mvd: both (co-teaching) | image | video
@@ -269,8 +274,20 @@ class TeachConfig:
             _check(self.modality == "rgb", "teach.pretext 'pace' trains an RGB encoder; use --modality rgb")
             _check(self.paces >= 2, f"teach.paces must be >= 2, got {self.paces}")
             _check(self.pretext_frames >= 2, f"teach.pretext_frames must be >= 2, got {self.pretext_frames}")
+        _check(not self.init or self.pretext in ("none", "pace"), f"teach.init initialises a classifier or a pace encoder; "
+               f"pretext {self.pretext!r} trains from scratch")
+        from vidistill.train.pretext import RECIPES, SMALL_DATA_MASK_RATIO
+
+        _check(self.recipe in RECIPES, f"teach.recipe must be one of {', '.join(repr(r) for r in RECIPES)} ('': the "
+               f"decoder_* keys; release: the release's decoder; small_data: VideoMAE's small-data recipe), got {self.recipe!r}")
+        _check(not self.recipe or self.pretext in MASKED_PRETEXTS, f"teach.recipe {self.recipe!r} is for the masked "
+               f"pretexts ({', '.join(MASKED_PRETEXTS)}), not {self.pretext!r}")
+        _check(self.recipe != "small_data" or self.pretext == "videomae", f"teach.recipe 'small_data' is VideoMAE's; "
+               f"pretext {self.pretext!r} has none")
         if self.pretext in MASKED_PRETEXTS:
             _check(self.modality == "rgb", f"teach.pretext {self.pretext!r} trains an RGB ViT; use --modality rgb")
+            if self.recipe == "small_data":
+                self.mask_ratio = self.mask_ratio or SMALL_DATA_MASK_RATIO
             self.mask_ratio = self.mask_ratio or DEFAULT_MASK_RATIO[self.pretext]
             _check(0.0 < self.mask_ratio < 1.0, f"teach.mask_ratio must be in (0, 1), got {self.mask_ratio}")
             _check(self.decoder_depth >= 1, f"teach.decoder_depth must be >= 1, got {self.decoder_depth}")
@@ -323,6 +340,7 @@ class DistillConfig:
                f"video), got {self.student_videos_per_class}")
         self.out = self.out or f"runs/distill/{self.method}"
         self.train.validate()
+        get_method(self.method).train_config(params, self.train).validate()  # a setting the method refuses, before any work
 
 
 @dataclass
@@ -425,6 +443,7 @@ class ExpertsConfig:
     datasets: list = field(default_factory=list)  # the other datasets (see above)
     out: str = "runs/experts"
     model: str = "r2plus1d_student"  # every expert's preset (its features are the cached embeddings)
+    pretrained: str = ""  # model.pt whose encoder initialises every expert (the pace encoder: JEDI's experts are pre-trained); "" = from scratch
     embed_batch_size: int = 32  # clips per batch of the embedding pass
     resume: bool = False  # reuse an expert whose model.pt was trained on the same clips with the same settings
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -270,15 +270,21 @@ def _teach_masked(cfg: TeachConfig, *, progress: bool, track: bool, stop_after_e
         pool, heldout = FrameClips(pool, random_frame=True), FrameClips(heldout, random_frame=False)
     torch_seed(cfg.train.seed)
     model = create_model(cfg.model, **_model_kwargs(pool))
-    task = build_masked_task(cfg.pretext, model, mask_ratio=cfg.mask_ratio, decoder_depth=cfg.decoder_depth,
-                             decoder_dim=cfg.decoder_dim, decoder_heads=cfg.decoder_heads,
+    decoder = (cfg.decoder_depth, cfg.decoder_dim, cfg.decoder_heads)
+    if cfg.recipe:  # the release's decoder (VideoMAE's small-data recipe has the same), scaled to our widths
+        from vidistill.train.pretext import recipe_decoder
+
+        decoder = recipe_decoder(cfg.pretext, model.feature_dim, model.blocks[0].attn.heads)
+    task = build_masked_task(cfg.pretext, model, mask_ratio=cfg.mask_ratio, decoder_depth=decoder[0],
+                             decoder_dim=decoder[1], decoder_heads=decoder[2],
                              image_teacher=cfg.image_teacher, video_teacher=cfg.video_teacher, teachers=cfg.mvd_teachers,
                              image_weight=cfg.image_weight, video_weight=cfg.video_weight, heldout=heldout,
                              eval_batch=max(cfg.train.batch_size, 32))
-    extra: dict[str, Any] = {"modality": "rgb", "pretext": cfg.pretext, "mask_ratio": cfg.mask_ratio}
+    extra: dict[str, Any] = {"modality": "rgb", "pretext": cfg.pretext, "mask_ratio": cfg.mask_ratio, "decoder": list(decoder),
+                             "recipe": cfg.recipe}
     if cfg.pretext == "mvd":
         extra["mvd_teachers"] = cfg.mvd_teachers
-    settings = {"pretext": cfg.pretext, "mask_ratio": cfg.mask_ratio, "decoder": [cfg.decoder_depth, cfg.decoder_dim, cfg.decoder_heads]}
+    settings = {"pretext": cfg.pretext, "mask_ratio": cfg.mask_ratio, "decoder": list(decoder)}
     files = {}
     if cfg.pretext == "mvd":
         settings |= {"mvd_teachers": cfg.mvd_teachers, "weights": [cfg.image_weight, cfg.video_weight]}
@@ -318,9 +324,14 @@ def teach(cfg: TeachConfig, *, progress: bool = True, track: bool = True,
         extra["pretext"] = "pace"
     torch_seed(cfg.train.seed)
     model = create_model(cfg.model, **_model_kwargs(train_set, cfg.modality))
+    if cfg.init:  # a pre-trained encoder (e.g. the pace one); the head stays new
+        from vidistill.train.artifacts import load_encoder
+
+        load_encoder(model, cfg.init)
+        extra["init"] = cfg.init
     tags = {"data_hash": _manifest_hash(cfg.clips), "method": "pretext_pace" if cfg.pretext == "pace" else f"teacher_{cfg.modality}"}
     fingerprint = _fingerprint(train_set, model, cfg.clips, flow=cfg.flow if cfg.modality == "flow" else None,
-                               modality=cfg.modality, pretext=cfg.pretext,
+                               files={"init": cfg.init}, modality=cfg.modality, pretext=cfg.pretext,
                                **({"paces": cfg.paces, "pretext_frames": cfg.pretext_frames} if cfg.pretext == "pace" else {}))
     with _training_run(f"teach_{cfg.modality}", cfg, tags=tags, track=track, fingerprint=fingerprint) as (run, resume):
         return _train_and_evaluate(Supervised(model, label_smoothing=cfg.train.label_smoothing), lambda: model,
@@ -354,7 +365,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
     method = get_method(cfg.method)
     params = method_params(cfg.method, cfg.methods.get(cfg.method))
     train_cfg = method.train_config(params, cfg.train)
-    train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.needs_flow else None,
+    train_set = ClipDataset(cfg.clips, "train", flow_root=cfg.flow if method.reads_flow(params) else None,
                             videos_per_class=cfg.student_videos_per_class, subset_seed=cfg.student_subset_seed)
     files = {n: getattr(cfg, n) for n in method.needed_files(params)}  # only what the method reads reaches it
     ctx = DistillContext(num_classes=train_set.num_classes, classes=train_set.classes, frames=train_set.frames,
@@ -368,7 +379,7 @@ def distill(cfg: DistillConfig, *, progress: bool = True, track: bool = True,
             teacher_run = load_checkpoint(path)["extra"].get("run_id") or teacher_run
     tags = {"data_hash": _manifest_hash(cfg.clips), "method": cfg.method,
             "teacher_run_id": teacher_run or "none"}
-    fingerprint = _fingerprint(train_set, task.student, cfg.clips, flow=cfg.flow if method.needs_flow else None,
+    fingerprint = _fingerprint(train_set, task.student, cfg.clips, flow=cfg.flow if method.reads_flow(params) else None,
                                files=files, method=cfg.method, method_params=asdict(params),
                                student_videos=[cfg.student_videos_per_class, cfg.student_subset_seed],
                                **_folder_hashes(files))
@@ -386,7 +397,8 @@ def experts(cfg: ExpertsConfig, *, progress: bool = True, track: bool = True) ->
 
     Prepares every dataset of `cfg.datasets` with prep, in the main dataset's clip geometry, and stops with
     a message naming a dataset without usable videos before anything trains; trains one expert per dataset
-    (`teach`: `cfg.model` with cross-entropy on that dataset, the main one on `cfg.clips`); then runs every
+    (`teach`: `cfg.model` with cross-entropy on that dataset, the main one on `cfg.clips`, its encoder initialised
+    from `cfg.pretrained` when set, with `cfg.train`'s views: flips and crops); then runs every
     expert once over every dataset's train and test clips and writes the experts folder
     (`vidistill.data.multi`). Returns its manifest.
     """
@@ -398,6 +410,9 @@ def experts(cfg: ExpertsConfig, *, progress: bool = True, track: bool = True) ->
     from vidistill.train import load_model, resolve_device
 
     out = Path(cfg.out)
+    if cfg.pretrained and not Path(cfg.pretrained).is_file():  # before any work
+        raise ConfigError(f"experts.pretrained {cfg.pretrained} does not exist: pre-train the encoder the experts start from "
+                          "(`vidistill teach --section pretrain`), or set experts.pretrained to \"\" to train them from scratch")
     (out / MANIFEST).unlink(missing_ok=True)  # a folder with a manifest is complete
     main = ClipDataset(cfg.clips, "train")  # the main dataset exists
     names, clips = [cfg.name], [cfg.clips]
@@ -419,8 +434,8 @@ def experts(cfg: ExpertsConfig, *, progress: bool = True, track: bool = True) ->
             clips.append(entry.get("clips") or pcfg.out)
         scores = {}
         for name, data in zip(names, clips):
-            r = teach(TeachConfig(clips=data, out=str(out / name), model=cfg.model, resume=cfg.resume, train=cfg.train),
-                      progress=progress, track=False)
+            r = teach(TeachConfig(clips=data, out=str(out / name), model=cfg.model, init=cfg.pretrained, resume=cfg.resume,
+                                  train=cfg.train), progress=progress, track=False)
             scores[name] = {k: r[k] for k in ("top1", "top5", "mAP")}
         device = resolve_device(cfg.train.device)
         encoders = [load_model(out / name / "model.pt", device=str(device))[0] for name in names]
@@ -431,7 +446,8 @@ def experts(cfg: ExpertsConfig, *, progress: bool = True, track: bool = True) ->
         entries = [{"name": name, "clips": str(data), "data_hash": _manifest_hash(data), "classes": s["train"].classes,
                     "expert": f"{name}/model.pt", "preset": cfg.model, "feature_dim": enc.feature_dim, "splits": files[name],
                     **scores[name]} for name, data, s, enc in zip(names, clips, sets, encoders)]
-        manifest = {"main": cfg.name, "datasets": entries,
+        manifest = {"main": cfg.name, "datasets": entries, "expert_init": cfg.pretrained or "scratch",
+                    "expert_views": {"hflip": cfg.train.hflip, "crop_scale": cfg.train.crop_scale},
                     "encoder_clips": sum(len(ds) for s in sets for ds in s.values())}
         write_manifest(out, manifest)
         run.log_metrics(_numeric({f"{n}_expert_{k}": v for n, s in scores.items() for k, v in s.items()}))

@@ -133,10 +133,12 @@ def method_pretrain_op(params: dict, section: str, code_version: str, methods: l
 
 
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
-def experts_op(params: dict, code_version: str, methods: list, clips: Input[Dataset], experts: Output[Artifact]):
+def experts_op(params: dict, code_version: str, methods: list, clips: Input[Dataset], pretrained: Input[Model],
+               experts: Output[Artifact]):
     """One expert per dataset and their cached embeddings (`vidistill.stages.experts`), for the methods that
     need them (`"experts"` in their `needs`); without such a method in `methods` it does no work and writes a
-    manifest saying so.
+    manifest saying so. With `experts.pretrained` set, every expert's encoder starts from `pretrained` (the
+    pace encoder of the `pretrain-encoder` task).
 
     `experts.metadata`: the datasets, every expert's top-1 on its test split, `mlflow_run_id`.
     """
@@ -153,7 +155,8 @@ def experts_op(params: dict, code_version: str, methods: list, clips: Input[Data
         write_manifest(experts.path, {"datasets": [], "skipped": "no method of pipeline.methods needs experts"})
         experts.metadata.update({"datasets": [], "skipped": True})
         return
-    manifest = stages.run("experts", params, clips=clips.path, out=experts.path)
+    init = {"pretrained": str(Path(pretrained.path) / "model.pt")} if params.get("pretrained") else {}
+    manifest = stages.run("experts", params, clips=clips.path, out=experts.path, **init)
     experts.metadata.update({"datasets": [d["name"] for d in manifest["datasets"]],
                              **{f"{d['name']}_expert_top1": float(d["top1"]) for d in manifest["datasets"]},
                              "mlflow_run_id": mlflow.last_active_run().info.run_id})

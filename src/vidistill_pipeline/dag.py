@@ -217,8 +217,8 @@ def vidistill_dag(
                                                 video_teacher=video_teacher.outputs["model"], **masked), gpu=True)
     masked_student.set_display_name("masked-video-distillation")
     # multi-dataset methods: one expert per dataset (no work unless a method of `methods` needs them)
-    experts = compute(experts_op(params=experts_params, code_version=code, methods=methods, clips=prep.outputs["clips"]),
-                      gpu=True).set_display_name("experts")
+    experts = compute(experts_op(params=experts_params, code_version=code, methods=methods, clips=prep.outputs["clips"],
+                                 pretrained=encoder.outputs["model"]), gpu=True).set_display_name("experts")
     two_stream = compute(evaluate_op(params=evaluate_params, code_version=code, clips=prep.outputs["clips"],
                                      flow=flow.outputs["flow"], rgb=rgb.outputs["model"],
                                      flow_model=temporal.outputs["model"])).set_display_name("two-stream")

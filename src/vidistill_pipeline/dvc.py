@@ -299,10 +299,11 @@ def build_dvc(params: dict[str, Any], root: Path) -> dict[str, Any]:
 
 
 def _experts_stage(params: dict[str, Any], code: list[str], clips: str) -> dict[str, Any]:
-    """`vidistill experts`: the main clips and the folders of the datasets that are not generated (synthetic
-    ones are made from their `experts` params) or already prepared in, the experts folder out."""
+    """`vidistill experts`: the main clips, the pre-trained encoder the experts start from (`experts.pretrained`)
+    and the folders of the datasets that are not generated (synthetic ones are made from their `experts` params)
+    or already prepared in, the experts folder out."""
     section = params.get("experts") or {}
-    inputs = [section.get("clips", clips)]
+    inputs = [section.get("clips", clips)] + ([section["pretrained"]] if section.get("pretrained") else [])
     for entry in section.get("datasets") or []:
         if isinstance(entry, dict) and (entry.get("clips") or entry.get("dataset", "synthetic") != "synthetic"):
             inputs.append(entry.get("clips") or entry.get("root") or f"data/raw/{entry.get('name')}")

@@ -9,7 +9,10 @@ distillation (Table 3). Here, on synthetic motion data:
   set is split once (`vidistill.data.multi.holdout_split`): `val_fraction` (15 %, the paper's) of each
   class's videos is a validation split that neither the experts nor JEDI train on;
 * **experts**: `vidistill experts` trains one `expert_model` per dataset (cross-entropy, `expert_epochs`) on
-  the other 85 % and caches the embeddings of every split. `expert_sets` sets of experts (seeds 0, 1, ...);
+  the other 85 % and caches the embeddings of every split. As the paper's experts (pre-trained, then fine-tuned
+  with augmentation), every expert's encoder starts from a pace-pre-trained encoder of another synthetic domain
+  (`expert_init: pace`, `pace_domain`) and trains with flips and crops (`expert_hflip`, `expert_crop_scale`);
+  `expert_init=scratch expert_hflip=false expert_crop_scale=1` are the experts before issue 26. `expert_sets` sets of experts (seeds 0, 1, ...);
   seed s of the arms uses set `s % expert_sets`, so with one set (the default, as the paper's fixed
   experts) the seeds vary JEDI's own initialisation, dropout and batch order only;
 * **learning rate**: chosen, as the paper chose its hyperparameters, on the validation split: JEDI (seed 0)
@@ -63,18 +66,41 @@ def _prepare(work: Path, domains: Sequence[int], videos_per_class: int, val_frac
     return out
 
 
+def _pace_encoder(work: Path, *, domain: int, videos_per_class: int, model: str, epochs: int) -> str:
+    """The encoder JEDI's experts start from (the paper's are pre-trained on K400/IN-22K): `model` pre-trained by
+    pace prediction (no labels) on the training videos of synthetic `domain`, one none of the JEDI datasets is,
+    as whole 24-frame clips (the pretext samples 8 frames at 1x-3x speed), as `bench methods`' source encoder.
+    Reused when it exists."""
+    from vidistill import stages
+    from vidistill.config import PrepConfig, SynthConfig, TeachConfig, TrainConfig
+
+    synth = SynthConfig(out=str(work / f"raw_pace_d{domain}_{videos_per_class}"), domain=domain, seed=domain,
+                        videos_per_class=videos_per_class)
+    prep = PrepConfig(dataset="synthetic", root=synth.out, out=str(work / f"clips_pace_d{domain}_{videos_per_class}"),
+                      frames=24, stride=1, synth=synth)
+    if not (Path(prep.out) / "manifest.json").exists():
+        stages.prep(prep, progress=False, track=False)
+    out = work / f"pace_d{domain}_{videos_per_class}_{model}_{epochs}"
+    if not (out / "model.pt").exists():
+        stages.teach(TeachConfig(clips=prep.out, out=str(out), model=model, pretext="pace",
+                                 train=TrainConfig(epochs=epochs, seed=0)), progress=False, track=False)
+    return str(out / "model.pt")
+
+
 def _experts(folder: Path, clips: Sequence[str], names: Sequence[str], *, model: str, epochs: int, seed: int,
-             batch_size: int) -> dict[str, Any]:
-    """`vidistill experts` on already prepared datasets (reused when its manifest is there)."""
+             batch_size: int, pretrained: str = "", hflip: bool = False, crop_scale: float = 1.0) -> dict[str, Any]:
+    """`vidistill experts` on already prepared datasets (reused when its manifest is there), the experts'
+    encoders initialised from `pretrained` when given, trained with the views `hflip`, `crop_scale`."""
     from vidistill import stages
     from vidistill.config import ExpertsConfig, TrainConfig
     from vidistill.data.multi import read_experts
 
     if (folder / "manifest.json").exists():
         return read_experts(folder)
-    cfg = ExpertsConfig(clips=clips[0], name=names[0], out=str(folder), model=model,
+    cfg = ExpertsConfig(clips=clips[0], name=names[0], out=str(folder), model=model, pretrained=pretrained,
                         datasets=[{"name": n, "clips": c} for n, c in zip(names[1:], clips[1:])],
-                        train=TrainConfig(epochs=epochs, seed=seed, batch_size=batch_size))
+                        train=TrainConfig(epochs=epochs, seed=seed, batch_size=batch_size, hflip=hflip,
+                                          crop_scale=crop_scale))
     return stages.experts(cfg, progress=False, track=False)
 
 
@@ -216,7 +242,9 @@ def bench_jedi(*, work: str | Path = "outputs/bench_jedi", seeds: int = 3, video
                domains: tuple[int, ...] = (0, 1, 2), expert_model: str = "r2plus1d_student", expert_epochs: int = 15,
                expert_sets: int = 1, epochs: int = 500, burn_in: int = 25, lrs: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2),
                lr: float = 0.0, val_fraction: float = 0.15, batch_size: int = 32, expert_batch_size: int = 16,
-               arms: tuple[str, ...] = ("jedi", "no_distillation", "single_dataset", "base_features")) -> dict[str, Any]:
+               arms: tuple[str, ...] = ("jedi", "no_distillation", "single_dataset", "base_features"),
+               expert_init: str = "pace", pace_domain: int = 3, pace_epochs: int = 30, expert_hflip: bool = True,
+               expert_crop_scale: float = 0.5) -> dict[str, Any]:
     """The JEDI comparison (see the module docstring).
 
     Args:
@@ -235,6 +263,13 @@ def bench_jedi(*, work: str | Path = "outputs/bench_jedi", seeds: int = 3, video
         batch_size: embeddings per JEDI step (the paper does not give its batch size).
         expert_batch_size: clips per step of the experts' training.
         arms: which of `ARMS` to train besides the initial experts.
+        expert_init: "pace": every expert's encoder starts from a pace-pre-trained encoder (`_pace_encoder`, the
+            paper's experts are pre-trained); "scratch": random (the runs before issue 26, whose experts memorised
+            their training clips).
+        pace_domain: the synthetic domain of the pace pre-training (none of `domains`).
+        pace_epochs: epochs of the pace pre-training.
+        expert_hflip, expert_crop_scale: the experts' training views (the paper fine-tunes them with
+            augmentation; JEDI itself trains on embeddings cached without).
 
     Raises:
         ConfigError: a bad setting, refused before any work.
@@ -254,6 +289,12 @@ def bench_jedi(*, work: str | Path = "outputs/bench_jedi", seeds: int = 3, video
         raise ConfigError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     if lr <= 0 and not lrs:
         raise ConfigError("give learning rates to try (lrs=1e-4,1e-3) or one to use (lr=1e-3)")
+    if expert_init not in ("pace", "scratch"):
+        raise ConfigError(f"expert_init must be 'pace' or 'scratch', got {expert_init!r}")
+    if expert_init == "pace" and (pace_domain in domains or pace_domain < 0 or pace_epochs < 1):
+        raise ConfigError(f"pace_domain must be a synthetic domain >= 0 that is not one of the JEDI datasets {domains} "
+                          f"and pace_epochs >= 1, got {pace_domain}, {pace_epochs}")
+    TrainConfig(hflip=expert_hflip, crop_scale=expert_crop_scale).validate()
     for value in (lr,) if lr > 0 else lrs:
         for arm in arms:
             method_params("jedi", {**ARMS[arm], "lr": value, "epochs": epochs, "burn_in": burn_in})
@@ -263,9 +304,14 @@ def bench_jedi(*, work: str | Path = "outputs/bench_jedi", seeds: int = 3, video
     t0 = time.perf_counter()
     names = [f"d{d}" for d in domains]
     clips = _prepare(work, domains, videos_per_class, val_fraction)
-    folders = [work / f"experts{e}" for e in range(expert_sets)]
+    pretrained = _pace_encoder(work, domain=pace_domain, videos_per_class=videos_per_class, model=expert_model,
+                               epochs=pace_epochs) if expert_init == "pace" else ""
+    variant = "" if expert_init == "scratch" and not expert_hflip and expert_crop_scale == 1 else \
+        f"_{expert_init}{'_flip' if expert_hflip else ''}_crop{expert_crop_scale:g}"  # scratch, no views: the old folders
+    folders = [work / f"experts{e}{variant}" for e in range(expert_sets)]
     for e, folder in enumerate(folders):
-        _experts(folder, clips, names, model=expert_model, epochs=expert_epochs, seed=e, batch_size=expert_batch_size)
+        _experts(folder, clips, names, model=expert_model, epochs=expert_epochs, seed=e, batch_size=expert_batch_size,
+                 pretrained=pretrained, hflip=expert_hflip, crop_scale=expert_crop_scale)
     seconds = {"data_and_experts": time.perf_counter() - t0}
     search = None
     if lr <= 0:
@@ -295,6 +341,8 @@ def bench_jedi(*, work: str | Path = "outputs/bench_jedi", seeds: int = 3, video
               "settings": {"seeds": seeds, "videos_per_class": videos_per_class, "domains": list(domains),
                            "expert_model": expert_model, "expert_epochs": expert_epochs, "expert_sets": expert_sets,
                            "epochs": epochs, "burn_in": burn_in, "lrs": list(lrs), "val_fraction": val_fraction,
-                           "batch_size": batch_size, "expert_batch_size": expert_batch_size, "arms": list(arms)}}
+                           "batch_size": batch_size, "expert_batch_size": expert_batch_size, "arms": list(arms),
+                           "expert_init": expert_init, "pace_domain": pace_domain, "pace_epochs": pace_epochs,
+                           "expert_hflip": expert_hflip, "expert_crop_scale": expert_crop_scale}}
     (work / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -36,6 +36,7 @@ import numpy as np
 
 from vidistill.config import DistillConfig, PrepConfig, SynthConfig, TeachConfig, TrainConfig
 from vidistill.errors import ConfigError
+from vidistill.train.pretext import PRETEXT_VIEWS
 
 ARMS = ("scratch", "videomae", "videomae_matched", "mvd_image", "mvd_video", "mvd", "ref")
 LABELS = {"scratch": "ViT from scratch", "videomae": "VideoMAE (fine-tuned video teacher)",
@@ -132,8 +133,10 @@ def _key(**settings: Any) -> str:
 class _Pretrainer:
     """Runs (or reuses) the pretexts; every model lives under a directory keyed by its settings."""
 
-    def __init__(self, work: Path, pool: str, *, lr: float, batch_size: int, warmup_fraction: float, mask: dict[str, float]) -> None:
+    def __init__(self, work: Path, pool: str, *, lr: float, batch_size: int, warmup_fraction: float, mask: dict[str, float],
+                 views: bool = True) -> None:
         self.work, self.pool, self.lr, self.batch, self.warmup, self.mask = work, pool, lr, batch_size, warmup_fraction, mask
+        self.views = views
         self.log: dict[str, dict[str, Any]] = {}
 
     def run(self, pretext: str, model: str, epochs: int, seed: int, **extra: Any) -> dict[str, Any]:
@@ -141,6 +144,7 @@ class _Pretrainer:
 
         settings = {"pretext": pretext, "model": model, "epochs": epochs, "seed": seed, "lr": self.lr, "batch": self.batch,
                     "warmup": self.warmup, "mask": self.mask.get(pretext, 0.0), "pool": self.pool,
+                    **({"views": PRETEXT_VIEWS[pretext]} if self.views else {}),
                     **{k: v for k, v in extra.items() if k != "image_teacher" and k != "video_teacher"},
                     **{k: Path(v).parent.name for k, v in extra.items() if k in ("image_teacher", "video_teacher")}}
         out = self.work / "pretrain" / f"{pretext}_{_key(**settings)}"
@@ -149,8 +153,9 @@ class _Pretrainer:
             summary = json.loads(done.read_text())
         else:
             warmup = min(epochs - 1, round(self.warmup * epochs)) if epochs > 1 else 0
+            views = PRETEXT_VIEWS[pretext] if self.views else {}
             train = TrainConfig(epochs=epochs, batch_size=self.batch, lr=self.lr, weight_decay=0.05, betas=[0.9, 0.95],
-                                warmup_epochs=warmup, seed=seed)
+                                warmup_epochs=warmup, seed=seed, **views)
             cfg = TeachConfig(clips=self.pool, out=str(out), model=model, pretext=pretext,
                               mask_ratio=self.mask.get(pretext, 0.0), train=train, **extra)
             cfg.validate()
@@ -167,7 +172,8 @@ def bench_mvd(*, work: str | Path = "outputs/bench_mvd", seeds: int = 3, videos_
               arms: tuple[str, ...] = ("scratch", "videomae", "mvd", "ref"), pretrain_lr: float = 1.5e-3,
               pretrain_batch: int = 32, warmup_fraction: float = 0.1, finetune_lr: float = 1e-3,
               finetune_batch: int = 16, mae_mask_ratio: float = 0.75, tube_mask_ratio: float = 0.9,
-              pretrain_per_seed: bool = False, threads: int = 0) -> dict[str, Any]:
+              pretrain_per_seed: bool = False, threads: int = 0, pretext_views: bool = True,
+              decoder_recipe: str = "") -> dict[str, Any]:
     """The MVD comparison (mean ± std over `seeds` of top-1/top-5/mAP on the test split) and the wall times.
 
     Args:
@@ -191,6 +197,12 @@ def bench_mvd(*, work: str | Path = "outputs/bench_mvd", seeds: int = 3, videos_
         threads: torch CPU threads (0: torch's default). On a shared, oversubscribed CPU one thread is
             faster: an MVD step of batch 32 took 3.4 s with 1 thread and 12.1 s with 2 on this 2-core VM
             at load average 11-13.
+        pretext_views: the releases' pre-training views (`vidistill.train.pretext.PRETEXT_VIEWS`: MAE random
+            resized crops from 20 % of the area and flips, VideoMAE/MVD multi-scale crops); False: none (the
+            runs before issue 26).
+        decoder_recipe: "" (2-block decoders of the encoder's width) or "release" (`teach.recipe`: each
+            pretext's release decoder scaled to our widths). VideoMAE's small-data recipe is
+            `decoder_recipe=release` with `tube_mask_ratio=0.75` (its decoder is the release's 4 blocks).
 
     Raises:
         ConfigError: an unknown arm or a bad setting, before any work.
@@ -207,6 +219,9 @@ def bench_mvd(*, work: str | Path = "outputs/bench_mvd", seeds: int = 3, videos_
             raise ConfigError(f"mask ratios must be in (0, 1), got {ratio}")
     if threads < 0:
         raise ConfigError(f"threads must be >= 0 (0: torch's default), got {threads}")
+    if decoder_recipe not in ("", "release"):
+        raise ConfigError(f"decoder_recipe must be '' or 'release', got {decoder_recipe!r}")
+    recipe = {"recipe": decoder_recipe} if decoder_recipe else {}
     finetune = TrainConfig(epochs=finetune_epochs, batch_size=finetune_batch, lr=finetune_lr, weight_decay=0.05)
     finetune.validate()
     TrainConfig(epochs=max(teacher_epochs, 2), batch_size=pretrain_batch, lr=pretrain_lr).validate()
@@ -220,7 +235,8 @@ def bench_mvd(*, work: str | Path = "outputs/bench_mvd", seeds: int = 3, videos_
     t0 = time.perf_counter()
     paths = _prepare(work, videos_per_class, labelled_per_class)
     pre = _Pretrainer(work, paths["pool"], lr=pretrain_lr, batch_size=pretrain_batch, warmup_fraction=warmup_fraction,
-                      mask={"mae": mae_mask_ratio, "videomae": tube_mask_ratio, "mvd": tube_mask_ratio})
+                      mask={"mae": mae_mask_ratio, "videomae": tube_mask_ratio, "mvd": tube_mask_ratio},
+                      views=pretext_views)
 
     def encoder(arm: str, seed: int) -> tuple[str, float]:
         """The encoder file of an arm and the pre-training wall time that produced it (teachers included)."""
@@ -228,13 +244,13 @@ def bench_mvd(*, work: str | Path = "outputs/bench_mvd", seeds: int = 3, videos_
         if arm == "scratch":
             return "", 0.0
         if arm == "videomae_matched":
-            r = pre.run("videomae", "vit_video_tiny", teacher_epochs + mvd_epochs, s)
+            r = pre.run("videomae", "vit_video_tiny", teacher_epochs + mvd_epochs, s, **recipe)
             return r["model"], r["seconds"]
-        video = pre.run("videomae", "vit_video_tiny", teacher_epochs, s)
+        video = pre.run("videomae", "vit_video_tiny", teacher_epochs, s, **recipe)
         if arm == "videomae":
             return video["model"], video["seconds"]
-        image = pre.run("mae", "vit_image_tiny", teacher_epochs, s)
-        student = pre.run("mvd", "vit_video_tiny", mvd_epochs, s, image_teacher=image["model"],
+        image = pre.run("mae", "vit_image_tiny", teacher_epochs, s, **recipe)
+        student = pre.run("mvd", "vit_video_tiny", mvd_epochs, s, **recipe, image_teacher=image["model"],
                           video_teacher=video["model"], mvd_teachers=_MVD_TEACHERS[arm])
         used = {"image": image["seconds"], "video": video["seconds"]}
         teachers = used.values() if arm == "mvd" else [used[_MVD_TEACHERS[arm]]]

@@ -138,8 +138,8 @@ def augment_batch(batch: dict[str, Any], generator: torch.Generator, *, hflip: b
     """Give every clip of a batch a random training view, the same for its RGB and its flow.
 
     Args:
-        batch: a collated batch: `rgb` `(B, 3, T, H, W)`, `label` int64 `(B,)`, optionally `flow`
-            `(B, 2, T-1, H, W)` in pixels; other keys pass through.
+        batch: a collated batch: `rgb` `(B, 3, T, H, W)` (or frames `(B, 3, H, W)`), `label` int64 `(B,)`,
+            optionally `flow` `(B, 2, T-1, H, W)` in pixels; other keys pass through.
         generator: the source of every random number (the loop's checkpointed generator).
         hflip: mirror each clip with probability 0.5.
         crop_scale: smallest crop area (fraction of the frame) of a random resized crop; 1 is off.
@@ -152,9 +152,15 @@ def augment_batch(batch: dict[str, Any], generator: torch.Generator, *, hflip: b
     """
     if not hflip and crop_scale >= 1.0:
         return batch
+    if "rgb" not in batch:
+        raise ValueError(f"training views (hflip, crop_scale) need clips (`rgb`), but this batch holds {sorted(batch)}; "
+                         "a method that trains on other inputs (e.g. cached embeddings) turns them off in its train_config")
     views = sample_views(batch["rgb"].shape[0], generator, hflip=hflip, crop_scale=crop_scale)
     out = dict(batch)
-    out["rgb"] = apply_views(batch["rgb"], views)
+    if batch["rgb"].dim() == 4:  # frames `(B, 3, H, W)` (the MAE pretext's images): one-frame clips
+        out["rgb"] = apply_views(batch["rgb"].unsqueeze(2), views).squeeze(2)
+    else:
+        out["rgb"] = apply_views(batch["rgb"], views)
     if "flow" in batch:
         out["flow"] = apply_views(batch["flow"], views, flow=True)
     if label_map is not None and bool(views.flip.any()):

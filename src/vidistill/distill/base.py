@@ -128,6 +128,12 @@ class Distiller(TrainTask):
         """The `needs` that this configuration reads (default: all); e.g. `mvd` trained from scratch reads none."""
         return cls.needs
 
+    @classmethod
+    def reads_flow(cls, params: Any) -> bool:
+        """Whether this configuration's batches must carry `flow` (default: `needs_flow`); e.g. `d3d` with an
+        RGB teacher reads none."""
+        return cls.needs_flow
+
     # --- the student ----------------------------------------------------------------------
 
     @classmethod

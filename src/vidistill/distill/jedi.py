@@ -181,12 +181,18 @@ class JEDI(Distiller):
     @classmethod
     def train_config(cls, params: JEDIParams, train: Any) -> Any:
         """The paper's optimisation (sec. 4.4) over `distill.train`: AdamW, constant `lr`, `weight_decay`,
-        `epochs`, no warm-up, no clipping. Refuses `hflip`: the embeddings are cached without augmentation."""
-        if train.hflip:
-            raise ConfigError("distill.train.hflip: jedi trains on embeddings cached from unaugmented clips (paper "
-                              "sec. 3.3); set it to false")
+        `epochs`, no warm-up, no clipping, and no training views.
+
+        JEDI trains on embeddings the experts cached once from unaugmented clips (sec. 3.3; the paper's
+        experts were fine-tuned *with* augmentation, JEDI itself trains without), so `distill.train`'s
+        `hflip` and `crop_scale` do not apply to it: they are set to off here (the experts' own views are
+        `experts.train.hflip` / `crop_scale`). Before, `hflip: true` was refused and `crop_scale < 1` made
+        the loop crop a batch of embeddings (a `KeyError` on `rgb`), so jedi could not run with the
+        repository's params.yaml (issue 26).
+        """
         return dataclasses.replace(train, epochs=params.epochs, lr=params.lr, weight_decay=params.weight_decay,
-                                   optimizer="adamw", schedule="constant", warmup_epochs=0, grad_clip=0.0)
+                                   optimizer="adamw", schedule="constant", warmup_epochs=0, grad_clip=0.0,
+                                   hflip=False, crop_scale=1.0)
 
     @classmethod
     def build_student(cls, params: JEDIParams, ctx: DistillContext, *, default: str) -> nn.Module:

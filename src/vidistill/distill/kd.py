@@ -2,6 +2,10 @@
 
 L = (1 - α) · CE(s, y) + α · τ² · KL(softmax(t/τ) ‖ softmax(s/τ)), with t the frozen RGB teacher's
 logits; the τ² factor keeps the soft-target gradients on the scale of the hard-target ones.
+
+α = 0.5 by default. The vanilla-KD baseline of SAKD's released code (`mlvccn/SAKD_ActionRec`, its KD
+distiller) weighs CE 0.1 and KD 0.9: that is `alpha: 0.9` here (say which one a "SAKD vs KD" comparison
+used; methods review SAKD-10).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ class KDParams:
 
     Attributes:
         tau: τ, the softmax temperature of both soft distributions (> 0).
-        alpha: α in [0, 1], the weight of the soft-target term; 1 − α weighs cross-entropy.
+        alpha: α in [0, 1], the weight of the soft-target term; 1 − α weighs cross-entropy (0.9: the vanilla
+            KD of SAKD's released code).
     """
 
     tau: float = 4.0

@@ -5,7 +5,8 @@ Each selection round (every epoch, or every `select_every` epochs: the paper's "
 no-grad scoring pass over all N training clips and then trains the epoch on round(r·N) of them:
 
 1. The clips are *interrupted* (sec. III-C) at rate β(n) = 1 − (1 − n/N_epoch)^θ (eq. 4): while
-   β < η, round(β·T) random frames of each clip are dropped (set to black); once β ≥ η, round(η·B·T)
+   β < η, round(β·T) random frames of each clip are dropped (set to black, or the mean colour:
+   `drop_fill`); once β ≥ η, round(η·B·T)
    random (clip, frame) slots of the scoring batch swap their contents, so frames move across clips
    of different actions.
 2. The frozen teacher and the student (eval mode: parameters and BatchNorm statistics untouched)
@@ -45,6 +46,26 @@ paper; all are the brief's recommended readings):
   (`forward_map`; the paper's Fig. 4 shows an intermediate block, but only as a visualisation).
 * The paper's λ = 0.5 (sec. IV-B) is the default, although Table VIII's best is λ = 0.1.
 
+The scale of α, the dropped frames' colour and the loss weights, stated and selectable (issue 26; the
+authors' release is `mlvccn/SAKD_ActionRec`, `ucf101_slowfast_ac.py`, which departs from the paper text in
+each of them; the defaults follow the paper text):
+
+* `alpha_scale: paper` (default): q = (1/ζ)/max(1/ζ), α_0 = 0 and eq. 6 with β(n) from the first round.
+  So α stays small: α ≤ β(n) and, with mean q ≈ 0.3 and N_epoch = 60, α ≈ 0.04 at epoch 10, 0.13 at 30
+  and 0.29 at 60, ≈ 0.14 on average (methods review, SAKD-2), against `kd`'s fixed 0.5: SAKD trains
+  mostly on cross-entropy. `alpha_scale: code` is the release's: q min-max normalised over the N samples
+  (`(loss − min)/(max − min)`), and the first round sets α = q without β (`hisloss[idx] = sample.loss`
+  when `i == 1`); later rounds follow eq. 6 with β(n) as ours (the release also uses n − 1 and clips β at
+  0.5, and its λ is 0.1: set `lambda_: 0.1`). The release's α loop reads only its last scoring batch
+  (a bug, review §3); ours updates every sample.
+* `drop_fill: black` (default, our reading of "dropout frames"): a dropped frame is 0 in [0, 1] space,
+  ≈ −1.8 after the models' normalisation. `drop_fill: mean`: the frame takes the normalisation's mean
+  colour (`RGB_MEAN`), 0 after normalisation, as the release zeroes frames of normalised clips.
+* `kd_weights: paper` (default): eq. 9, (1 − α)·CE + α·τ²·KL. `kd_weights: code`: the release's
+  2·((1 − α)·0.1·CE + α·0.9·τ²·KL) (its vanilla-KD distiller weighs CE 0.1 and KD 0.9, and its training
+  loss is `2*((1-diff)*ce_loss + diff*kd_loss)`). The release's vanilla KD alone, 0.1·CE + 0.9·KD, is
+  `kd` with `alpha: 0.9` (and here `adaptive_alpha: false, alpha: 0.9` with `kd_weights: paper`).
+
 Not in this version: feature KD (eq. 1; the headline rows are logit KD) and interrupting the
 training clips. `selection: random` and `adaptive_alpha: false` (with a fixed `alpha`) give the
 controls: random r·N per epoch + KD at fixed α is the same method with other params.
@@ -69,10 +90,14 @@ from vidistill.distill.base import Distiller, register_method, weighted_mean
 from vidistill.distill.dpp import feature_kernel, greedy_map
 from vidistill.distill.kd import kd_loss
 from vidistill.errors import ConfigError
+from vidistill.models.base import RGB_MEAN
 from vidistill.train.artifacts import load_model
 from vidistill.train.loop import scan, supervised_loss
 
 SELECTIONS = ("dpp", "random")
+ALPHA_SCALES = ("paper", "code")
+DROP_FILLS = ("black", "mean")
+KD_WEIGHTS = {"paper": (1.0, 1.0), "code": (0.2, 1.8)}  # (CE, KD) factors of eq. 9: the release's 2·(0.1, 0.9)
 
 
 def round_half_up(x: float) -> int:
@@ -108,37 +133,47 @@ def selection_probability(omega: torch.Tensor, rounds: int, eps: float) -> torch
     return 1.0 / (omega.double() / max(1, rounds) + eps)
 
 
-def transfer_ease(kd_scores: torch.Tensor, p_sel: torch.Tensor) -> torch.Tensor:
-    """q = (1/ζ) / max(1/ζ) with 1/ζ = p·L̃ (eq. 3, normalised to [0, 1], see the module docstring).
+def transfer_ease(kd_scores: torch.Tensor, p_sel: torch.Tensor, norm: str = "max") -> torch.Tensor:
+    """q, the normalised 1/ζ with 1/ζ = p·L̃ (eq. 3, normalised to [0, 1], see the module docstring).
 
     Args:
         kd_scores: `(N,)` L̃, the KD loss τ²·KL of each interrupted clip (≥ 0).
         p_sel: `(N,)` selection probabilities (eq. 5).
+        norm: "max": q = (1/ζ)/max(1/ζ) (ours, `alpha_scale: paper`); "minmax": q = (1/ζ − min)/(max − min)
+            (the release's, `alpha_scale: code`).
 
     Returns:
-        `(N,)` float64 q in [0, 1]; all zero when every L̃ is 0.
+        `(N,)` float64 q in [0, 1]; all zero when every 1/ζ is the same (minmax) or 0 (max).
     """
     inv_zeta = p_sel.double() * kd_scores.double()
-    top = float(inv_zeta.max())
-    return inv_zeta / top if top > 0 else torch.zeros_like(inv_zeta)
+    low = float(inv_zeta.min()) if norm == "minmax" else 0.0
+    span = float(inv_zeta.max()) - low
+    return (inv_zeta - low) / span if span > 0 else torch.zeros_like(inv_zeta)
 
 
-def update_alpha(alpha: torch.Tensor, q: torch.Tensor, beta: float, lambda_: float) -> torch.Tensor:
-    """α_n = λ·α_{n−1} + (1 − λ)·β(n)·q (eq. 6, with 1/ζ normalised to q).
+def update_alpha(alpha: torch.Tensor, q: torch.Tensor, beta: float, lambda_: float, *, first: bool = False,
+                 scale: str = "paper") -> torch.Tensor:
+    """α_n = λ·α_{n−1} + (1 − λ)·β(n)·q (eq. 6, with 1/ζ normalised to q); with `scale="code"` the first round
+    sets α = q instead (the release's `hisloss[idx] = sample.loss`).
 
     Args:
         alpha: `(N,)` α of the previous round (0 before the first).
         q: `(N,)` normalised 1/ζ in [0, 1].
         beta: β(n).
         lambda_: λ in [0, 1).
+        first: this is the first selection round.
+        scale: "paper" or "code" (`SAKDParams.alpha_scale`).
 
     Returns:
-        `(N,)` α, same dtype as `alpha`, in [0, 1).
+        `(N,)` α, same dtype as `alpha`, in [0, 1].
     """
+    if first and scale == "code":
+        return q.to(alpha.dtype).clone()
     return (lambda_ * alpha.double() + (1.0 - lambda_) * beta * q.double()).to(alpha.dtype)
 
 
-def interrupt(rgb: torch.Tensor, beta: float, eta: float, generator: torch.Generator) -> torch.Tensor:
+def interrupt(rgb: torch.Tensor, beta: float, eta: float, generator: torch.Generator, *,
+              fill: str = "black") -> torch.Tensor:
     """The dynamic temporal interruption of sec. III-C: frame dropout while β < η, else frame shuffling.
 
     Args:
@@ -146,11 +181,13 @@ def interrupt(rgb: torch.Tensor, beta: float, eta: float, generator: torch.Gener
         beta: β(n), the interruption rate (eq. 4).
         eta: η, the threshold between the two modes.
         generator: CPU generator that draws the frames (same generator state, same interruption).
+        fill: a dropped frame's colour: "black" (0 in [0, 1] space) or "mean" (`RGB_MEAN`, the models'
+            normalisation mean, i.e. 0 after normalisation, as the release drops frames).
 
     Returns:
-        A new `(B, 3, T, H, W)` tensor: while β < η, round(β·T) random frames of every clip are zero;
-        once β ≥ η, round(η·B·T) random (clip, frame) slots of the batch hold a random permutation of
-        their own contents (frames cross clips).
+        A new `(B, 3, T, H, W)` tensor: while β < η, round(β·T) random frames of every clip take the `fill`
+        colour; once β ≥ η, round(η·B·T) random (clip, frame) slots of the batch hold a random permutation
+        of their own contents (frames cross clips).
     """
     b, c, t, h, w = rgb.shape
     if beta < eta:
@@ -158,8 +195,9 @@ def interrupt(rgb: torch.Tensor, beta: float, eta: float, generator: torch.Gener
         out = rgb.clone()
         if k:
             drop = torch.rand(b, t, generator=generator).argsort(dim=1)[:, :k]  # (B, k)
-            mask = torch.zeros(b, t, dtype=torch.bool).scatter_(1, drop, True)  # (B, T)
-            out.masked_fill_(mask.view(b, 1, t, 1, 1).to(rgb.device), 0.0)
+            mask = torch.zeros(b, t, dtype=torch.bool).scatter_(1, drop, True).view(b, 1, t, 1, 1).to(rgb.device)
+            colour = torch.tensor(RGB_MEAN if fill == "mean" else (0.0,) * c, dtype=rgb.dtype, device=rgb.device)
+            out = torch.where(mask, colour.view(1, c, 1, 1, 1), out)
         return out
     k = min(b * t, round_half_up(eta * b * t))
     slots = torch.randperm(b * t, generator=generator)[:k]  # (k,) flat (clip, frame) positions
@@ -171,8 +209,8 @@ def interrupt(rgb: torch.Tensor, beta: float, eta: float, generator: torch.Gener
 
 
 def sakd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor,
-              *, tau: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Eq. 9 on a batch: (1/B) Σ_j (1 − α_j)·CE_j + α_j·τ²·KL(σ(t_j/τ) ‖ σ(s_j/τ)).
+              *, tau: float, label_smoothing: float = 0.0, weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """Eq. 9 on a batch: (1/B) Σ_j w_ce·(1 − α_j)·CE_j + w_kd·α_j·τ²·KL(σ(t_j/τ) ‖ σ(s_j/τ)).
 
     Args:
         student_logits: `(B, K)`.
@@ -181,12 +219,14 @@ def sakd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
         alpha: `(B,)` per-sample distillation strength in [0, 1].
         tau: τ > 0.
         label_smoothing: ε of the shared supervised term.
+        weights: `(w_ce, w_kd)`: (1, 1) is eq. 9; `KD_WEIGHTS["code"]` = (0.2, 1.8) the release's.
 
     Returns:
         The scalar loss.
     """
-    ce = supervised_loss(student_logits, labels, label_smoothing=label_smoothing, weights=1.0 - alpha)
-    return ce + weighted_mean(kd_loss(student_logits, teacher_logits, tau), alpha)
+    w_ce, w_kd = weights
+    ce = supervised_loss(student_logits, labels, label_smoothing=label_smoothing, weights=w_ce * (1.0 - alpha))
+    return ce + weighted_mean(kd_loss(student_logits, teacher_logits, tau), w_kd * alpha)
 
 
 @dataclass
@@ -208,6 +248,11 @@ class SAKDParams:
         alpha: the fixed α when `adaptive_alpha` is False (Hinton KD's 0.5).
         score_batch: clips per batch of the no-grad scoring pass (also the shuffling group).
         jitter: added to the DPP kernel's diagonal (≥ 0).
+        alpha_scale: "paper" (q normalised by its maximum, α_0 = 0, eq. 6 from the first round) or "code"
+            (the release's: min-max q, first round α = q); see the module docstring for the resulting scale.
+        drop_fill: a dropped frame's colour in the scoring pass: "black" (our reading of the text) or
+            "mean" (the normalisation's mean colour, the release's).
+        kd_weights: "paper" (eq. 9) or "code" (the release's 2·((1 − α)·0.1·CE + α·0.9·KD)).
     """
 
     tau: float = 4.0
@@ -223,6 +268,9 @@ class SAKDParams:
     alpha: float = 0.5
     score_batch: int = 32
     jitter: float = 1e-6
+    alpha_scale: str = "paper"
+    drop_fill: str = "black"
+    kd_weights: str = "paper"
 
     def validate(self) -> None:
         """Raises `ConfigError` naming the first bad hyperparameter."""
@@ -240,6 +288,12 @@ class SAKDParams:
             (0 <= self.alpha <= 1, f"{key}alpha must be in [0, 1], got {self.alpha}"),
             (self.score_batch >= 1, f"{key}score_batch must be >= 1, got {self.score_batch}"),
             (self.jitter >= 0, f"{key}jitter must be >= 0, got {self.jitter}"),
+            (self.alpha_scale in ALPHA_SCALES, f"{key}alpha_scale must be one of {', '.join(ALPHA_SCALES)} (paper: the "
+                                               f"paper text; code: the authors' release), got {self.alpha_scale!r}"),
+            (self.drop_fill in DROP_FILLS, f"{key}drop_fill must be one of {', '.join(DROP_FILLS)} (black; mean: the "
+                                           f"release's mean colour), got {self.drop_fill!r}"),
+            (self.kd_weights in KD_WEIGHTS, f"{key}kd_weights must be one of {', '.join(KD_WEIGHTS)} (paper: eq. 9; code: "
+                                            f"the release's 0.1 CE / 0.9 KD, times 2), got {self.kd_weights!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -362,7 +416,7 @@ class SAKD(Distiller):
                 if b % world != rank:
                     continue
                 batch = next(scan(self.train_set, batch_size=len(idx), indices=idx.tolist(), device=device))
-                x = interrupt(batch["rgb"], beta, p.eta, _generator(int(self.seed), epoch, b + 1))
+                x = interrupt(batch["rgb"], beta, p.eta, _generator(int(self.seed), epoch, b + 1), fill=p.drop_fill)
                 t_logits, fmap = self._teacher(x)
                 s_logits, _ = self.student(x)
                 rows = idx.to(device)
@@ -391,9 +445,11 @@ class SAKD(Distiller):
         if self.needs_scores:
             kd, feats = self.score(epoch)
             self.kd_score = kd
-            q = transfer_ease(kd, selection_probability(self.omega, rounds, p.eps))
+            q = transfer_ease(kd, selection_probability(self.omega, rounds, p.eps),
+                              norm="minmax" if p.alpha_scale == "code" else "max")
             if p.adaptive_alpha:
-                self.alpha = update_alpha(self.alpha, q, self.beta(epoch), p.lambda_)
+                self.alpha = update_alpha(self.alpha, q, self.beta(epoch), p.lambda_, first=rounds == 0,
+                                          scale=p.alpha_scale)
             if p.selection == "dpp":
                 self.features = feats if rounds == 0 else p.lambda_ * self.features + (1 - p.lambda_) * feats
         if p.selection == "dpp":
@@ -445,7 +501,7 @@ class SAKD(Distiller):
         else:  # no per-sample state yet (a forward outside `fit`): α_0 = 0
             alpha = torch.zeros(logits.shape[0], device=logits.device)
         loss = sakd_loss(logits, t_logits, batch["label"], alpha, tau=self.params.tau,
-                         label_smoothing=self.ctx.label_smoothing)
+                         label_smoothing=self.ctx.label_smoothing, weights=KD_WEIGHTS[self.params.kd_weights])
         ce = self.ce(logits, batch)
         kd = kd_loss(logits, t_logits, self.params.tau).mean()
         return {"loss": loss, "logits": logits, "ce": ce.detach(), "kd": kd.detach(), "alpha": alpha.mean()}

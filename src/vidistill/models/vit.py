@@ -18,7 +18,7 @@ from torch import nn
 from vidistill.models.base import Normalize, ZooModel
 from vidistill.models.registry import register_model
 
-POOLS = ("mean", "cls")
+POOLS = ("mean", "cls", "fc_norm")
 
 
 class Attention(nn.Module):
@@ -78,7 +78,10 @@ class VisionTransformer(ZooModel):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.blocks = nn.Sequential(*[Block(dim, heads=heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        # "fc_norm" (VideoMAE/MVD fine-tuning, `modeling_finetune.py`): no final per-token LayerNorm, a new one
+        # after the mean pooling instead
+        self.norm = nn.Identity() if pool == "fc_norm" else nn.LayerNorm(dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if pool == "fc_norm" else None
         self.head = nn.Linear(dim, num_classes)
         self._init_weights()
 
@@ -136,9 +139,12 @@ class VisionTransformer(ZooModel):
         return tokens[:, 1:] if self.cls_token is not None else tokens
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns `(logits (B, K), features (B, D))`; features = CLS token or mean of tokens."""
+        """Returns `(logits (B, K), features (B, D))`; features = CLS token or mean of tokens (then `fc_norm`
+        with pool "fc_norm")."""
         tokens = self._encode(x, None)  # (B, [1 +] N, D)
         features = tokens[:, 0] if self.cls_token is not None else tokens.mean(dim=1)  # (B, D)
+        if self.fc_norm is not None:
+            features = self.fc_norm(features)
         return self.head(features), features
 
 
@@ -165,7 +171,9 @@ def create_vit(
         depth: transformer blocks.
         heads: attention heads (must divide `dim`).
         mlp_ratio: MLP hidden width as a multiple of `dim`.
-        pool: "mean" (mean of tokens, VideoMAE fine-tuning) or "cls" (a learned CLS token).
+        pool: "mean" (the final LayerNorm on every token, then their mean), "fc_norm" (the mean of the last
+            block's tokens, then a LayerNorm: VideoMAE's and MVD's fine-tuning, `use_mean_pooling`) or "cls" (a
+            learned CLS token).
 
     Returns:
         The model.

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from vidistill.errors import CheckpointError
+from vidistill.errors import CheckpointError, ConfigError
 from vidistill.train.checkpoint import atomic_save, load_checkpoint
 
 
@@ -73,3 +73,35 @@ def load_model(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, dic
     model.to(device).eval()
     info = {k: state[k] for k in ("name", "kwargs", "classes", "extra")}
     return model, info
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the model's classification head (`model.head`), g_φ."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Module):
+        raise ConfigError(f"a pre-trained encoder initialises a model with a classification head `head`; "
+                          f"{type(model).__name__} has none")
+    return {f"head.{k}" for k in head.state_dict()}
+
+
+def load_encoder(student: nn.Module, path: str) -> list[str]:
+    """Copy every pre-trained encoder weight whose name and shape match; the head is never copied (SD's
+    Algorithm 1 line 2; `teach --init`, e.g. JEDI's experts from the pace encoder).
+
+    Returns the names of the student's state-dict entries that were not initialised from `path` (the
+    head, and anything the source model lacks).
+
+    Raises:
+        ConfigError: `path` missing, or it shares no encoder weight with the student.
+    """
+    if not Path(path).exists():
+        raise ConfigError(f"pre-trained model {path} does not exist; train one with `vidistill teach` on the source data")
+    saved = load_checkpoint(path)
+    own = student.state_dict()
+    head = _head_keys(student)
+    taken = {k: v for k, v in saved["state_dict"].items() if k in own and k not in head and own[k].shape == v.shape}
+    if not taken:
+        raise ConfigError(f"{path} ({saved['name']}) shares no weights with the student; pre-train the same architecture")
+    own.update(taken)
+    student.load_state_dict(own)
+    return sorted(set(own) - set(taken))

@@ -45,6 +45,33 @@ from vidistill.train.loop import TrainTask, scan
 
 MASKED_PRETEXTS = ("mae", "videomae", "mvd")
 DEFAULT_MASK_RATIO = {"mae": 0.75, "videomae": 0.9, "mvd": 0.9}  # MAE; VideoMAE and MVD release scripts
+# The releases' pre-training views, as `TrainConfig` settings (`hflip`, `crop_scale`: smallest crop area). MAE
+# (`main_pretrain.py`): RandomResizedCrop(scale=(0.2, 1)) + RandomHorizontalFlip. VideoMAE
+# (`DataAugmentationForVideoMAE`) and MVD (`DataAugmentationForVideoDistillation`): GroupMultiScaleCrop with side
+# scales [1, .875, .75, .66] and no flip; ours is the nearest random resized crop, area >= 0.66² ≈ 0.44 (a reading:
+# theirs draws the two sides from that discrete list, ours a uniform area and an aspect ratio in [3/4, 4/3]).
+PRETEXT_VIEWS = {"mae": {"hflip": True, "crop_scale": 0.2}, "videomae": {"hflip": False, "crop_scale": 0.44},
+                 "mvd": {"hflip": False, "crop_scale": 0.44}}
+# The releases' decoders, as (blocks, width / encoder width), for `teach.recipe` (ViT-B encoders, 768 wide): MAE 8 x 512
+# (`mae_vit_base_patch16`: decoder_depth 8, decoder_embed_dim 512), VideoMAE 4 x 384 (`pretrain_videomae_base_patch16_224`:
+# decoder_depth 4, decoder_embed_dim 384), MVD 2 x the encoder's (`--decoder_depth 2`, feat_decoder_embed_dim = embed_dim).
+# "small_data" is VideoMAE's UCF101 recipe (`scripts/ucf101/..._tubemasking_ratio_0.75_epoch_3200/pretrain.sh`): tube
+# masking 0.75 and a 4-block decoder.
+RECIPES = ("", "release", "small_data")
+RELEASE_DECODERS = {"mae": (8, 2 / 3), "videomae": (4, 1 / 2), "mvd": (2, 1.0)}
+SMALL_DATA_MASK_RATIO = 0.75
+
+
+def recipe_decoder(pretext: str, enc_dim: int, enc_heads: int) -> tuple[int, int, int]:
+    """`(depth, width, heads)` of the release's decoder for `pretext`, scaled to an encoder of width `enc_dim` with
+    `enc_heads` heads: the release's depth, its width ratio, and the encoder's heads times that ratio, rounded to the
+    nearest count that divides the width (e.g. for our 96-wide, 3-head ViTs: MAE 8 x 64, 2 heads; VideoMAE
+    4 x 48, 2 heads; MVD 2 x 96, 3 heads)."""
+    depth, ratio = RELEASE_DECODERS[pretext]
+    width = max(1, round(enc_dim * ratio))
+    want = max(1.0, enc_heads * ratio)
+    heads = min((h for h in range(1, width + 1) if width % h == 0), key=lambda h: (abs(h - want), -h))
+    return depth, width, heads
 MVD_TEACHERS = ("both", "image", "video")
 HELDOUT_SEED = 20230601  # the fixed masks of the held-out loss
 
