@@ -14,6 +14,7 @@ from mlflow_server import mlflow_server, student_onnx  # noqa: F401  (fixtures)
 from vidistill import stages
 from vidistill.config import ConfigError, ExportConfig, PrepConfig, RegisterConfig, SynthConfig
 from vidistill.data import ClipDataset
+from vidistill.evaluate.report import decision_text
 from vidistill.export.model_repository import validate_model_repository
 from vidistill.models import create_model
 from vidistill.registry import tracking
@@ -91,6 +92,9 @@ def test_budget_that_excludes_the_most_accurate_student_picks_the_next(mlflow_se
     assert f"| v{v['best_slow']} | kd | fp32 | 0.9000 | 5.000 | no | yes |  |" in md
     png = plot_frontier(s, tmp_path / "frontier.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the pipeline report's decision paragraph carries the same table, champion marked
+    text = decision_text({"registered": True, "model_name": NAME, "version": v["fast"], "method": "kd", "decision": s})
+    assert text.startswith(f"**champion** within 3 ms per clip: `{NAME}` version {v['fast']}") and "**champion** |" in text
 
 
 def test_measure_latency(student_onnx, tmp_path):  # noqa: F811

@@ -551,9 +551,22 @@ def register(cfg: RegisterConfig, *, track: bool = True) -> dict[str, Any]:
             decision = None
         elif cfg.latency_budget_ms > 0:
             decision = select_champion(cfg.model_name, cfg.latency_budget_ms, metric=cfg.metric)
+            _log_frontier(decision, run)
         else:
             decision = promote(cfg.model_name, version, margin=cfg.margin, metric=cfg.metric)
     return {"model_name": cfg.model_name, "version": version, "decision": decision, "latency_ms": float(tags["latency_ms"])}
+
+
+def _log_frontier(selection: dict[str, Any], run: Any) -> None:
+    """The accuracy-latency frontier of a budgeted selection as register-run artifacts (frontier.md, frontier.png)."""
+    import tempfile
+
+    from vidistill.registry.selection import frontier_markdown, plot_frontier
+
+    with tempfile.TemporaryDirectory(prefix="vidistill-frontier-") as tmp:
+        atomic_write_text(Path(tmp) / "frontier.md", frontier_markdown(selection))
+        plot_frontier(selection, Path(tmp) / "frontier.png")
+        run.log_artifacts(tmp)
 
 
 # stage name -> (config class, function); the CLI, DVC and Kubeflow components all go through here
