@@ -1,0 +1,35 @@
+"""`vidistill bench ort`'s deployment rows (issue 29): fp32 vs int8 ONNX Runtime and OpenVINO (f32) on the
+same export, at 1 thread and at the runtime's default, with the model files' sizes and parity."""
+
+from __future__ import annotations
+
+import pytest
+
+from vidistill.benchmarks import bench_overrides
+from vidistill.benchmarks.ort import bench_ort
+
+
+def test_fp32_int8_and_openvino_rows_side_by_side():
+    pytest.importorskip("openvino")
+    r = bench_ort(runtimes=("ort-cpu", "ort-cpu-int8", "openvino-cpu"), batches=(1, 2), threads=(1, 0),
+                  frames=4, size=16, iters=2, warmup=0)
+    assert r["errors"] == [] and r["skipped"] == []
+    rows = {(x["runtime"], x["threads"], x["batch"]): x for x in r["rows"]}
+    assert len(rows) == len(r["rows"]) == 3 * 2 * 2
+    for t in (1, 0):
+        for b in (1, 2):
+            fp32, int8, ov = rows["ort-cpu", t, b], rows["ort-cpu-int8", t, b], rows["openvino-cpu", t, b]
+            assert fp32["speedup_vs_ort_cpu"] == 1.0 and int8["speedup_vs_ort_cpu"] > 0 and ov["speedup_vs_ort_cpu"] > 0
+            assert int8["model_bytes"] < 0.5 * fp32["model_bytes"] == 0.5 * ov["model_bytes"]
+            assert ov["max_abs_diff"] <= 1e-4 and ov["top1_agreement"] == 1.0  # f32 hint: OpenVINO computes what ORT does
+            assert 1e-4 < int8["max_abs_diff"] < 1.0  # int8 differs, but boundedly
+            assert 0 < int8["p50_ms"] and 0 < ov["p50_ms"]
+
+
+def test_threads_setting_is_typed_and_checked():
+    assert bench_overrides(bench_ort, ["threads=1,0", "runtimes=ort-cpu,ort-cpu-int8"]) == {
+        "threads": (1, 0), "runtimes": ("ort-cpu", "ort-cpu-int8")}
+    with pytest.raises(ValueError, match=r"threads must be counts >= 0 .* got \(-1,\)"):
+        bench_ort(runtimes=("ort-cpu",), threads=(-1,))
+    with pytest.raises(ValueError, match="runtimes must be some of"):
+        bench_ort(runtimes=("ort-cpu-fp16",))
