@@ -58,7 +58,9 @@ def test_quantized_model_is_int8_qdq_with_the_same_interface(toy):
     ops = Counter(n.op_type for n in proto.graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0 and ops["Conv"] > 0
     weights = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and i.name.endswith("weight_quantized")]
-    assert len(weights) == ops["Conv"]  # every convolution's weights are int8
+    float_convs = [n.input[1] for n in proto.graph.node if n.op_type == "Conv" and not n.input[1].endswith("DequantizeLinear_Output")]
+    assert float_convs == ["stem.0.0.weight"]  # the RGB stem (3 input channels) stays float32: int8 is slower there
+    assert len(weights) == ops["Conv"] - 1  # every other convolution's weights are int8
     scale = next(i for i in proto.graph.initializer if i.name == weights[0].name.removesuffix("_quantized") + "_scale")
     assert list(scale.dims) == [weights[0].dims[0]]  # one scale per output channel
     head = next(n for n in proto.graph.node if "logits" in n.output)
@@ -68,6 +70,12 @@ def test_quantized_model_is_int8_qdq_with_the_same_interface(toy):
     assert meta["precision"] == "int8" and meta["classes"] == CLASSES and (meta["frames"], meta["size"]) == (FRAMES, SIZE)
     assert json.loads(meta["quantization"])["calibration_clips"] == 64
     assert toy["gate"]["bytes_int8"] < 0.5 * toy["gate"]["bytes_fp32"]
+
+
+def test_every_convolution_can_be_quantized(toy, tmp_path):
+    path = quantize_onnx(toy["onnx_path"], tmp_path / "all.onnx", [toy["train"][0][:16]], float_below_channels=0)
+    proto = onnx.load(str(path))
+    assert all(n.input[1].endswith("DequantizeLinear_Output") for n in proto.graph.node if n.op_type == "Conv")
 
 
 def test_gate_passes_the_real_int8_model(toy):

@@ -3,7 +3,9 @@
 `quantize_onnx` turns an exported float32 `model.onnx` into a QDQ int8 model: weights int8 with one
 scale per output channel, activations uint8 with ranges calibrated (MinMax) on real training clips.
 The classifier head (the Gemm producing `logits`, D × K multiply-adds) stays float32, so logits are not
-rounded onto a uint8 grid (which would turn near ties of the top-1 decision into coin flips).
+rounded onto a uint8 grid (which would turn near ties of the top-1 decision into coin flips), and so
+does the convolution reading the 3-channel RGB input: ONNX Runtime's int8 QLinearConv is ~5x slower
+than its float convolution there (docs/deployment.md), while the wider convolutions gain 2-4x.
 The graph's interface does not change (float32 `input` (B, 3, T, H, W) in [0, 1] -> float32 `logits`
 (B, K), `features` (B, D)), nor does its `vidistill.*` metadata, so `vidistill serve`, the registry
 and KServe load an int8 model exactly like the float one; the metadata gains
@@ -54,6 +56,7 @@ def quantize_onnx(
     calibration: Iterable[np.ndarray] | np.ndarray,
     *,
     per_channel: bool = True,
+    float_below_channels: int = 8,
 ) -> Path:
     """Quantize an exported float32 student to int8 with ONNX Runtime static quantization (QDQ).
 
@@ -67,6 +70,9 @@ def quantize_onnx(
         calibration: batches of training clips, each float32 (B, 3, T, H, W) RGB in [0, 1] with the
             model's T, H, W (or one such array). A few dozen clips are enough.
         per_channel: one weight scale per output channel (else one per tensor).
+        float_below_channels: convolutions with fewer input channels (per group) than this stay float32:
+            the RGB stem (3 input channels), where ONNX Runtime's int8 QLinearConv is ~5x slower than its
+            float convolution (docs/deployment.md); 0 quantizes every convolution.
 
     Returns:
         `out_path` as a Path.
@@ -103,8 +109,11 @@ def quantize_onnx(
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
             graph = onnx.load(str(pre)).graph
             head = [nd.name for nd in graph.node if nd.op_type in ("Gemm", "MatMul") and OUTPUT_NAMES[0] in nd.output]
+            weights = {i.name: list(i.dims) for i in graph.initializer}
+            narrow = [nd.name for nd in graph.node if nd.op_type == "Conv" and len(weights.get(nd.input[1], [])) > 1
+                      and weights[nd.input[1]][1] < float_below_channels]
             quantize_static(
-                str(pre), str(dst), Reader(), nodes_to_exclude=head,
+                str(pre), str(dst), Reader(), nodes_to_exclude=head + narrow,
                 quant_format=QuantFormat.QDQ, per_channel=per_channel,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
@@ -116,7 +125,8 @@ def quantize_onnx(
     meta = {p.key: p.value for p in fp32.metadata_props}
     meta[META_PREFIX + "precision"] = "int8"
     meta[META_PREFIX + "quantization"] = json.dumps({
-        "format": "QDQ", "weights": "int8 symmetric", "per_channel": per_channel, "activations": "uint8 MinMax", "float32": "classifier head",
+        "format": "QDQ", "weights": "int8 symmetric", "per_channel": per_channel, "activations": "uint8 MinMax",
+        "float32": f"classifier head, convolutions with < {float_below_channels} input channels",
         "calibration_clips": n,
     }, sort_keys=True)
     del proto.metadata_props[:]
