@@ -24,6 +24,9 @@ def test_fp32_int8_and_openvino_rows_side_by_side():
             assert ov["max_abs_diff"] <= 1e-4 and ov["top1_agreement"] == 1.0  # f32 hint: OpenVINO computes what ORT does
             assert 1e-4 < int8["max_abs_diff"] < 1.0  # int8 differs, but boundedly
             assert 0 < int8["p50_ms"] and 0 < ov["p50_ms"]
+    md = r["markdown"].splitlines()
+    assert md[0].startswith("| runtime | threads | batch | ms per clip (p50) |") and len(md) == 2 + 12
+    assert md[2].startswith("| ort-cpu | 1 | 1 |") and "| 1.00x |" in md[2] and any(line.startswith("| ort-cpu-int8 | default | 2 |") for line in md)
 
 
 def test_threads_setting_is_typed_and_checked():

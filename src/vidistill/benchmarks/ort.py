@@ -224,4 +224,22 @@ def bench_ort(
         key = (r["batch"], r.get("threads"))
         if "p50_ms" in r and key in base_ms:
             r["speedup_vs_ort_cpu"] = round(base_ms[key] / r["p50_ms"], 2)
+    if any(r in runtimes for r in ("ort-cpu-int8", "openvino-cpu")):  # the deployment table (issue 29), README-ready
+        return {"rows": rows, "onnx_providers": ort.get_available_providers(), "errors": errors, "skipped": skipped,
+                "markdown": deployment_markdown(rows)}
     return {"rows": rows, "onnx_providers": ort.get_available_providers(), "errors": errors, "skipped": skipped}
+
+
+def deployment_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """`| runtime | threads | batch | ms per clip | clips/s | vs ort-cpu | model | max abs diff | top-1 agreement |`,
+    one line per measured row (threads 0 shows as "default")."""
+    lines = ["| runtime | threads | batch | ms per clip (p50) | clips/s | vs ort-cpu | model file | max abs diff vs PyTorch | top-1 agreement |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "p50_ms" not in r:
+            continue
+        size = f"{r['model_bytes'] / 1024:.0f} KiB" if "model_bytes" in r else "–"
+        lines.append(f"| {r['runtime']} | {r.get('threads') or 'default'} | {r['batch']} | {r['per_clip_ms']:.3f} | "
+                     f"{r['clips_per_s']:.0f} | {r.get('speedup_vs_ort_cpu', float('nan')):.2f}x | {size} | "
+                     f"{r['max_abs_diff']:.2g} | {r['top1_agreement']:.3f} |")
+    return "\n".join(lines) + "\n"
