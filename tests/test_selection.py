@@ -151,6 +151,14 @@ def test_export_stage_writes_int8_and_the_model_repository_then_register_picks_w
     with pytest.raises(ValueError, match=r"failed its accuracy gate \(top-1 drop 3.00 points > 1\); register precision fp32"):
         stages.register(RegisterConfig(**common, precision="int8"), track=False)
 
+    # an export without int8 removes the earlier int8 model and its repository entry (never registered by mistake)
+    again = stages.export(ExportConfig(model=data["model"], clips=data["clips"], out=str(out), repository_name="synthetic"),
+                          track=False)
+    assert again["int8"] is None and set(again["repository"]) == {"synthetic"}
+    assert not (out / "int8").exists() and not (out / "model_repository" / "synthetic-int8").exists()
+    with pytest.raises(FileNotFoundError, match="export with `vidistill export --int8` first"):
+        stages.register(RegisterConfig(**common, precision="int8"), track=False)
+
 
 def test_deployment_settings_are_checked():
     with pytest.raises(ConfigError, match="register.latency_budget_ms must be >= 0"):

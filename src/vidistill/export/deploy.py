@@ -38,7 +38,13 @@ def export_deployables(cfg: Any, path: Path, test: Any, run: Any) -> dict[str, A
     from vidistill.export.model_repository import REPOSITORY_DIR, write_model_repository
     from vidistill.export.quantize import quantize_and_gate
 
+    import shutil
+
+    from vidistill.export.quantize import INT8_DIR
+
     gate = None
+    if not cfg.int8:  # an int8 model of an earlier export is not this model's: never register it by mistake
+        shutil.rmtree(Path(cfg.out) / INT8_DIR, ignore_errors=True)
     if cfg.int8:
         from vidistill.data import ClipDataset
 
@@ -54,7 +60,8 @@ def export_deployables(cfg: Any, path: Path, test: Any, run: Any) -> dict[str, A
     if cfg.repository:
         root = Path(cfg.out) / REPOSITORY_DIR
         repos[cfg.repository_name] = str(write_model_repository(path, root, cfg.repository_name))
+        name = f"{cfg.repository_name}-int8"
+        shutil.rmtree(root / name, ignore_errors=True)  # only an int8 model that passed this export's gate is served
         if gate is not None and gate["passed"]:
-            name = f"{cfg.repository_name}-int8"
             repos[name] = str(write_model_repository(gate["onnx"], root, name))
     return {"int8": gate, "repository": repos}
