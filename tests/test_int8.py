@@ -61,6 +61,8 @@ def test_quantized_model_is_int8_qdq_with_the_same_interface(toy):
     float_convs = [n.input[1] for n in proto.graph.node if n.op_type == "Conv" and not n.input[1].endswith("DequantizeLinear_Output")]
     assert float_convs == ["stem.0.0.weight"]  # the RGB stem (3 input channels) stays float32: int8 is slower there
     assert len(weights) == ops["Conv"] - 1  # every other convolution's weights are int8
+    first = next(n for n in proto.graph.node if "input" in n.input)
+    assert first.op_type == "Sub"  # the input and the normalisation stay float32 (no Q/DQ for ORT to fuse the stem into)
     scale = next(i for i in proto.graph.initializer if i.name == weights[0].name.removesuffix("_quantized") + "_scale")
     assert list(scale.dims) == [weights[0].dims[0]]  # one scale per output channel
     head = next(n for n in proto.graph.node if "logits" in n.output)

@@ -4,8 +4,9 @@
 scale per output channel, activations uint8 with ranges calibrated (MinMax) on real training clips.
 The classifier head (the Gemm producing `logits`, D × K multiply-adds) stays float32, so logits are not
 rounded onto a uint8 grid (which would turn near ties of the top-1 decision into coin flips), and so
-does the convolution reading the 3-channel RGB input: ONNX Runtime's int8 QLinearConv is ~5x slower
-than its float convolution there (docs/deployment.md), while the wider convolutions gain 2-4x.
+does the convolution reading the 3-channel RGB input (with the normalisation before it): ONNX Runtime's
+int8 QLinearConv is ~4x slower than its float convolution there (docs/deployment.md), while the wider
+convolutions gain 2-4x.
 The graph's interface does not change (float32 `input` (B, 3, T, H, W) in [0, 1] -> float32 `logits`
 (B, K), `features` (B, D)), nor does its `vidistill.*` metadata, so `vidistill serve`, the registry
 and KServe load an int8 model exactly like the float one; the metadata gains
@@ -70,9 +71,10 @@ def quantize_onnx(
         calibration: batches of training clips, each float32 (B, 3, T, H, W) RGB in [0, 1] with the
             model's T, H, W (or one such array). A few dozen clips are enough.
         per_channel: one weight scale per output channel (else one per tensor).
-        float_below_channels: convolutions with fewer input channels (per group) than this stay float32:
-            the RGB stem (3 input channels), where ONNX Runtime's int8 QLinearConv is ~5x slower than its
-            float convolution (docs/deployment.md); 0 quantizes every convolution.
+        float_below_channels: convolutions with fewer input channels (per group) than this stay float32,
+            with everything before them (the normalisation): the RGB stem (3 input channels), where ONNX
+            Runtime's int8 QLinearConv is ~4x slower than its float convolution (docs/deployment.md);
+            0 quantizes every convolution.
 
     Returns:
         `out_path` as a Path.
@@ -110,10 +112,19 @@ def quantize_onnx(
             graph = onnx.load(str(pre)).graph
             head = [nd.name for nd in graph.node if nd.op_type in ("Gemm", "MatMul") and OUTPUT_NAMES[0] in nd.output]
             weights = {i.name: list(i.dims) for i in graph.initializer}
-            narrow = [nd.name for nd in graph.node if nd.op_type == "Conv" and len(weights.get(nd.input[1], [])) > 1
+            narrow = [nd for nd in graph.node if nd.op_type == "Conv" and len(weights.get(nd.input[1], [])) > 1
                       and weights[nd.input[1]][1] < float_below_channels]
+            # and everything before them (the normalisation): with a DequantizeLinear on its input ORT would fuse
+            # the float convolution back into a QLinearConv at load time
+            producer = {o: nd for nd in graph.node for o in nd.output}
+            keep, stack = {nd.name for nd in narrow}, list(narrow)
+            while stack:
+                for name in stack.pop().input:
+                    if name in producer and producer[name].name not in keep:
+                        keep.add(producer[name].name)
+                        stack.append(producer[name])
             quantize_static(
-                str(pre), str(dst), Reader(), nodes_to_exclude=head + narrow,
+                str(pre), str(dst), Reader(), nodes_to_exclude=head + sorted(keep),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
@@ -126,7 +137,7 @@ def quantize_onnx(
     meta[META_PREFIX + "precision"] = "int8"
     meta[META_PREFIX + "quantization"] = json.dumps({
         "format": "QDQ", "weights": "int8 symmetric", "per_channel": per_channel, "activations": "uint8 MinMax",
-        "float32": f"classifier head, convolutions with < {float_below_channels} input channels",
+        "float32": f"classifier head, convolutions with < {float_below_channels} input channels and what precedes them",
         "calibration_clips": n,
     }, sort_keys=True)
     del proto.metadata_props[:]
