@@ -36,3 +36,16 @@ def test_threads_setting_is_typed_and_checked():
         bench_ort(runtimes=("ort-cpu",), threads=(-1,))
     with pytest.raises(ValueError, match="runtimes must be some of"):
         bench_ort(runtimes=("ort-cpu-fp16",))
+
+
+def test_conv_profile_names_every_convolution_for_each_precision():
+    from vidistill.benchmarks.ort import conv_profile
+
+    r = conv_profile(frames=4, size=16, batch=1, runs=2)
+    assert set(r["totals"]) == {"fp32", "int8_8", "int8_0"} and all(v > 0 for v in r["totals"].values())
+    assert len(r["rows"]) == 17 and r["rows"][0]["weight"].startswith("17x3x1x3x3")  # the RGB stem first
+    for row in r["rows"]:  # every convolution found in every profile (fused names included)
+        assert all(row[f"{k}_ms"] >= 0 for k in r["totals"]), row
+    assert r["markdown"].count("\n") == 2 + 17 + 1
+    with pytest.raises(ValueError, match="must be >= 1"):
+        conv_profile(runs=0)

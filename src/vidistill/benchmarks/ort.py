@@ -243,3 +243,84 @@ def deployment_markdown(rows: Sequence[dict[str, Any]]) -> str:
                      f"{r['clips_per_s']:.0f} | {r.get('speedup_vs_ort_cpu', float('nan')):.2f}x | {size} | "
                      f"{r['max_abs_diff']:.2g} | {r['top1_agreement']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def conv_profile(
+    *,
+    model: str = "r2plus1d_student",
+    frames: int = 8,
+    size: int = 56,
+    num_classes: int = 10,
+    batch: int = 8,
+    threads: int = 1,
+    runs: int = 25,
+    float_below_channels: Sequence[int] = (8, 0),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-convolution kernel time of the float32 export and its int8 versions, from ONNX Runtime's profiler:
+    where int8 3-D convolution gains and where it loses.
+
+    Args:
+        model, frames, size, num_classes: the preset exported (seeded), as in `bench_ort`.
+        batch: clips per call; threads: intra-op threads; runs: profiled calls (the median per node is kept).
+        float_below_channels: one int8 model per value (`quantize_onnx`'s setting; 0: every conv int8).
+
+    Returns:
+        `{"rows": [{"conv", "weight" (O, I, kT, kH, kW), "fp32_ms", "int8_<k>_ms", ...}],
+        "totals": {"fp32": ms, "int8_<k>": ms} (every node, not only convolutions), "markdown"}`.
+
+    Raises:
+        ValueError: batch, threads or runs < 1.
+    """
+    import collections
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    from vidistill.export.onnx import export_onnx
+    from vidistill.export.quantize import quantize_onnx
+    from vidistill.models import create_model
+
+    if batch < 1 or threads < 1 or runs < 1:
+        raise ValueError(f"conv_profile: batch, threads and runs must be >= 1, got {batch}, {threads}, {runs}")
+    torch.manual_seed(seed)
+    net = create_model(model, num_classes=num_classes, frames=frames, size=size).eval()
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch, 3, frames, size, size), dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="vidistill-conv-profile-") as tmp:
+        path = export_onnx(net, tmp)
+        calib = rng.random((16, 3, frames, size, size), dtype=np.float32)
+        files = {"fp32": path, **{f"int8_{k}": quantize_onnx(path, f"{tmp}/int8_{k}.onnx", [calib], float_below_channels=k)
+                                  for k in float_below_channels}}
+        weights = {n.name: (n.input[1], [list(i.dims) for i in onnx.load(str(path)).graph.initializer if i.name == n.input[1]])
+                   for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"}
+        per: dict[str, dict[str, float]] = {}
+        totals: dict[str, float] = {}
+        for key, file in files.items():
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.enable_profiling = True
+            opts.profile_file_prefix = f"{tmp}/profile_{key}"
+            session = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
+            for _ in range(runs):
+                session.run(None, {"input": x})
+            events = json.loads(Path(session.end_profiling()).read_text())
+            times = collections.defaultdict(list)
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    times[e["name"].removesuffix("_kernel_time")].append(e["dur"] / 1000.0)
+            med = {name: float(np.median(v)) for name, v in times.items()}
+            totals[key] = round(sum(med.values()), 3)
+            for conv in weights:  # ORT renames fused nodes "<conv>_token_N"
+                hits = [v for name, v in med.items() if name == conv or name.startswith(conv + "_token")]
+                per.setdefault(conv, {})[f"{key}_ms"] = round(sum(hits), 3) if hits else float("nan")
+    rows = [{"conv": conv.removeprefix("node_"), "weight": "x".join(map(str, dims[0])) if dims else "?", **per[conv]}
+            for conv, (_, dims) in weights.items()]
+    keys = list(files)
+    lines = ["| convolution | weight (O×I×kT×kH×kW) | " + " | ".join(f"{k} ms" for k in keys) + " |",
+             "|---|---|" + "---:|" * len(keys)]
+    lines += [f"| {r['conv']} | {r['weight']} | " + " | ".join(f"{r[k + '_ms']:.2f}" for k in keys) + " |" for r in rows]
+    lines.append("| **all nodes** | | " + " | ".join(f"**{totals[k]:.2f}**" for k in keys) + " |")
+    return {"rows": rows, "totals": totals, "markdown": "\n".join(lines) + "\n",
+            "setting": {"batch": batch, "threads": threads, "runs": runs, "frames": frames, "size": size}}
