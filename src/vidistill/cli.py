@@ -197,6 +197,13 @@ def cmd_export(cfg: C.ExportConfig, args: argparse.Namespace) -> None:
     p = r["parity"]
     print(f"export: {r['onnx']} (opset {cfg.opset}); parity on {p['n']} clips: max |diff| {p['max_abs_diff']:.2e}, "
           f"top-1 agreement {p['top1_agreement']:.3f} -> {'passed' if p['passed'] else 'FAILED'}")
+    if r.get("int8"):  # issue 29: the int8 model's accuracy gate
+        g = r["int8"]
+        print(f"export: int8 {g['onnx']} ({g['bytes_int8'] / 1024:.0f} KiB vs {g['bytes_fp32'] / 1024:.0f}): top-1 {g['top1_int8']:.3f} "
+              f"vs {g['top1_fp32']:.3f} (drop {g['drop_points']:.2f} points, allowed {g['max_drop_points']:g}), agreement "
+              f"{g['top1_agreement']:.3f} on {g['n']} clips -> {'passed' if g['passed'] else 'REFUSED: not registered as int8'}")
+    for name, folder in (r.get("repository") or {}).items():
+        print(f"export: Triton/KServe model repository {name}: {folder}")
 
 
 def cmd_register(cfg: C.RegisterConfig, args: argparse.Namespace) -> None:

@@ -391,12 +391,24 @@ class ExportConfig:
     opset: int = 18
     atol: float = 1e-4
     parity_clips: int = 32  # evaluation clips compared between PyTorch and ONNX Runtime
+    # int8 (issue 29): <out>/int8/model.onnx, ONNX Runtime static QDQ quantization, gated on the evaluation clips
+    int8: bool = False
+    calibration_clips: int = 64  # training clips the int8 activation ranges are calibrated on
+    int8_max_drop: float = 1.0  # largest top-1 drop of int8 vs float, in points (1.0 = 0.01 of top-1)
+    # a Triton/KServe model repository beside model.onnx: <out>/model_repository/<name>/{1/model.onnx,config.pbtxt}
+    repository: bool = True
+    repository_name: str = "vidistill"  # the int8 model, when it passes its gate, is <name>-int8
 
     def validate(self) -> None:
         _check(self.opset >= 18, f"export.opset must be >= 18, got {self.opset}")
         _finite("export.atol", self.atol)
         _check(self.atol > 0, f"export.atol must be > 0, got {self.atol}")
         _check(self.parity_clips >= 1, f"export.parity_clips must be >= 1, got {self.parity_clips}")
+        _check(self.calibration_clips >= 1, f"export.calibration_clips must be >= 1, got {self.calibration_clips}")
+        _finite("export.int8_max_drop", self.int8_max_drop)
+        _check(self.int8_max_drop >= 0, f"export.int8_max_drop must be >= 0 points of top-1, got {self.int8_max_drop}")
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.repository_name)),
+               f"export.repository_name must be letters, digits, '_', '.', '-', got {self.repository_name!r}")
         self.out = self.out or str(Path(self.model).parent / "onnx")
 
 
@@ -411,11 +423,20 @@ class RegisterConfig:
     margin: float = 0.0  # the candidate's top-1 must beat the champion's by at least this much
     metric: str = "top1"
     promote: bool = True
+    precision: str = "fp32"  # "int8": register <onnx>/int8/model.onnx, only if its accuracy gate passed
+    # > 0: the champion is the most accurate version whose measured latency (ms per clip, batch 1,
+    # `latency_threads` ONNX Runtime threads on this machine) is within the budget; 0: the margin gate
+    latency_budget_ms: float = 0.0
+    latency_threads: int = 1
 
     def validate(self) -> None:
         validate_model_name(self.model_name, "register.model_name")
         _finite("register.margin", self.margin)
         _check(self.margin >= 0, f"register.margin must be >= 0, got {self.margin}")
+        _check(self.precision in ("fp32", "int8"), f"register.precision must be fp32 or int8, got {self.precision!r}")
+        _finite("register.latency_budget_ms", self.latency_budget_ms)
+        _check(self.latency_budget_ms >= 0, f"register.latency_budget_ms must be >= 0 ms per clip (0: no budget), got {self.latency_budget_ms}")
+        _check(self.latency_threads >= 1, f"register.latency_threads must be >= 1, got {self.latency_threads}")
 
 
 # ----------------------------------------------------------------------------------------------

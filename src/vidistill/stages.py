@@ -536,13 +536,19 @@ def export(cfg: ExportConfig, *, track: bool = True) -> dict[str, Any]:
         if not parity["passed"]:
             raise ExportError(f"ONNX parity failed on {n} evaluation clips: max_abs_diff={parity['max_abs_diff']:.3g} "
                               f"(atol {cfg.atol:g}), top-1 agreement {parity['top1_agreement']:.3f}")
-    return {"onnx": str(path), "parity": parity}
+        from vidistill.export.deploy import export_deployables
+
+        extra = export_deployables(cfg, path, test, run)  # int8 + its gate, the Triton/KServe model repository
+    return {"onnx": str(path), "parity": parity, **extra}
 
 
 def register(cfg: RegisterConfig, *, track: bool = True) -> dict[str, Any]:
-    """Register `model.onnx` as a new version of `model_name` and (optionally) run the promotion gate."""
+    """Register `model.onnx` (or, with `precision: int8`, the gated `int8/model.onnx`) as a new version of
+    `model_name`, tagged with its measured latency, and (optionally) run the promotion gate: the margin
+    gate, or with `latency_budget_ms` > 0 the most accurate version within the budget (issue 29)."""
     cfg.validate()
     from vidistill.registry.models import promote, register_onnx
+    from vidistill.registry.selection import deployment_tags, select_champion
 
     onnx_dir = Path(cfg.onnx)
     for need in (onnx_dir / "model.onnx", onnx_dir / "parity.json", Path(cfg.metrics)):
@@ -550,14 +556,33 @@ def register(cfg: RegisterConfig, *, track: bool = True) -> dict[str, Any]:
             raise FileNotFoundError(f"{need} does not exist; run `vidistill export` / `vidistill evaluate` first")
     parity = json.loads((onnx_dir / "parity.json").read_text())
     metrics = json.loads(Path(cfg.metrics).read_text())
+    scores = _numeric({k: metrics[k] for k in ("top1", "top5", "mAP") if k in metrics})
+    model_file, scores, tags = deployment_tags(onnx_dir, cfg.precision, scores, threads=cfg.latency_threads)
     with tracked("register", cfg, tags={"data_hash": metrics.get("data_hash", "unknown"), "method": cfg.method},
                  track=track) as run:
-        version = register_onnx(onnx_dir / "model.onnx", model_name=cfg.model_name,
-                                metrics=_numeric({k: metrics[k] for k in ("top1", "top5", "mAP") if k in metrics}),
+        version = register_onnx(model_file, model_name=cfg.model_name, metrics=scores,
                                 parity=parity, data_hash=metrics.get("data_hash", "unknown"), method=cfg.method,
-                                run_id=run.run_id, classes=metrics.get("classes"))
-        decision = promote(cfg.model_name, version, margin=cfg.margin, metric=cfg.metric) if cfg.promote else None
-    return {"model_name": cfg.model_name, "version": version, "decision": decision}
+                                run_id=run.run_id, classes=metrics.get("classes"), extra_tags=tags)
+        if not cfg.promote:
+            decision = None
+        elif cfg.latency_budget_ms > 0:
+            decision = select_champion(cfg.model_name, cfg.latency_budget_ms, metric=cfg.metric)
+            _log_frontier(decision, run)
+        else:
+            decision = promote(cfg.model_name, version, margin=cfg.margin, metric=cfg.metric)
+    return {"model_name": cfg.model_name, "version": version, "decision": decision, "latency_ms": float(tags["latency_ms"])}
+
+
+def _log_frontier(selection: dict[str, Any], run: Any) -> None:
+    """The accuracy-latency frontier of a budgeted selection as register-run artifacts (frontier.md, frontier.png)."""
+    import tempfile
+
+    from vidistill.registry.selection import frontier_markdown, plot_frontier
+
+    with tempfile.TemporaryDirectory(prefix="vidistill-frontier-") as tmp:
+        atomic_write_text(Path(tmp) / "frontier.md", frontier_markdown(selection))
+        plot_frontier(selection, Path(tmp) / "frontier.png")
+        run.log_artifacts(tmp)
 
 
 # stage name -> (config class, function); the CLI, DVC and Kubeflow components all go through here

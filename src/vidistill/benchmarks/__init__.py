@@ -32,6 +32,8 @@ BENCHMARKS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "train": ("vidistill.benchmarks.train", "bench_train",
               {"methods": ("none",), "precisions": ("fp32",), "batch_size": 2, "steps": 2, "warmup": 1}),
     "ort": ("vidistill.benchmarks.ort", "bench_ort", {"batches": (1,), "iters": 3, "warmup": 1}),
+    # issue 29: per-convolution ORT profile, float32 vs int8 (where int8 3-D convolution gains and loses)
+    "ort-convs": ("vidistill.benchmarks.ort", "conv_profile", {"runs": 3, "batch": 1}),
 }
 
 

@@ -216,6 +216,12 @@ def decision_text(decision: dict[str, Any] | None) -> str:
     if not decision.get("registered"):
         return f"**Not registered**: {decision.get('reason', 'no reason given')}."
     d = decision.get("decision") or {}
+    if "budget_ms" in d:  # the champion within a latency budget: the accuracy-latency table, champion marked
+        from vidistill.registry.selection import frontier_markdown
+
+        return (f"**{d.get('decision', '?')}** within {d['budget_ms']:g} ms per clip: `{decision.get('model_name')}` "
+                f"version {decision.get('version')} registered (student {decision.get('method')}); champion "
+                f"v{d.get('champion_version')}.\n\n{frontier_markdown(d)}")
     before = (f"against champion {_num(d.get('champion'))} (v{d.get('champion_version')})" if d.get("champion_version")
               else "with no champion before")
     numbers = f"{d.get('metric', 'top1')} {_num(d.get('candidate'))} {before}, margin {_num(d.get('margin'), '%g')}"

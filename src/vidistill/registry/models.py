@@ -62,6 +62,7 @@ def register_onnx(
     method: str,
     run_id: str | None = None,
     classes: list[str] | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
     """Log an exported `model.onnx` to MLflow and register it as a new version of `model_name`.
 
@@ -79,6 +80,7 @@ def register_onnx(
         method: distillation method key.
         run_id: MLflow run to attach the model to.
         classes: class names in label order (default: the names stored in the ONNX metadata).
+        extra_tags: more version tags (e.g. `precision`, `latency_ms`; `vidistill.registry.selection`).
 
     Returns:
         The new version number, as a string.
@@ -112,6 +114,7 @@ def register_onnx(
         "frames": str(meta.get("frames", "")),
         "size": str(meta.get("size", "")),
         **{k: repr(float(v)) for k, v in metrics.items()},
+        **(extra_tags or {}),
     }
 
     c = client()
@@ -320,6 +323,10 @@ def promote(model_name: str, version: str | int, *, margin: float, metric: str =
             f"ONNX parity failed (max_abs_diff={cand.tags.get('parity_max_abs_diff', 'unknown')}); "
             "a model whose ONNX output differs from PyTorch is never served"
         )
+    elif cand.tags.get("precision") == "int8" and cand.tags.get("int8_gate_passed") != "true":
+        decision = "refused"
+        reason = (f"int8 accuracy gate failed (top-1 drop {cand.tags.get('int8_top1_drop_points', 'unknown')} points); "
+                  "an int8 model is promoted only when it keeps the float model's accuracy")
     elif current is None:
         decision, reason = CHAMPION, f"no champion yet; {metric}={cand_value:.4f} and parity passed"
     elif champ_version == version:
