@@ -69,26 +69,23 @@ def render(overlay: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def created_secrets(env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def created_secrets() -> list[dict[str, Any]]:
+    """What `bash k8s/create-secrets.sh` prints, in a clean environment (none of this shell's credentials)."""
     out = subprocess.run(["bash", str(ROOT / "k8s" / "create-secrets.sh")], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})
+                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
     if out.returncode != 0:
         raise RehearsalError(f"k8s/create-secrets.sh failed: {out.stderr.strip()}")
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 class Cluster:
-    """The namespace's objects as the API server would hold them: the rendered overlay, with each Secret
-    replaced by the one the user created (the rendered templates hold placeholders)."""
+    """The namespace's objects as the API server would hold them after the documented steps: the Secrets
+    the user created, then `kubectl apply -k` of the overlay (which holds no Secret, so it keeps them)."""
 
     def __init__(self, rendered: list[dict[str, Any]], secrets: list[dict[str, Any]]) -> None:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        for obj in rendered:
+        for obj in [*secrets, *rendered]:  # in the order k8s/README.md applies them
             self.objects[(obj["kind"], obj["metadata"]["name"])] = obj
-        for kind_name in [k for k in self.objects if k[0] == "Secret"]:
-            del self.objects[kind_name]  # the templates: the user creates the real ones
-        for obj in secrets:
-            self.objects[("Secret", obj["metadata"]["name"])] = obj
 
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
         return self.objects.get((kind, name))
@@ -183,8 +180,9 @@ def task_pods(ir: Path, cluster: Cluster) -> dict[str, dict[str, Any]]:
         security = k8s.get("securityContext", {})
         pod = {"env": env, "mounts": mounts, "uid": int(security.get("runAsUser", 0)), "image": container["container"]["image"]}
         if function in pods and {k: v for k, v in pods[function].items() if k != "image"} != \
-                {k: v for k, v in pod.items() if k != "image"}:
-            raise RehearsalError(f"executors of {function} differ in their Kubernetes settings: {pods[function]} vs {pod}")
+                {k: v for k, v in pod.items() if k != "image"}:  # (never print the env: it may hold Secret values)
+            raise RehearsalError(f"executors of {function} differ in their Kubernetes settings (env names "
+                                 f"{sorted(pods[function]['env'])} vs {sorted(env)}, mounts, uid)")
         pods[function] = pod
     return pods
 
@@ -286,7 +284,11 @@ def postgres(stack: ExitStack, cluster: Cluster, sandbox: Sandbox, work: Path) -
     uid = int(container.get("securityContext", {}).get("runAsUser") or pod.get("securityContext", {}).get("runAsUser"))
     data = work / "pgdata"
     data.mkdir()
-    bindir = next(Path("/usr/lib/postgresql").glob("*/bin"))
+    bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
+    if bindir is None:
+        raise RehearsalError("PostgreSQL's server is not installed (/usr/lib/postgresql/*/bin/initdb); Debian: apt-get "
+                             "install postgresql (make rehearsal-tools does it as root)")
+    bindir = bindir.parent
     pwfile = work / "pgpass-init"
     pwfile.write_text(env["POSTGRES_PASSWORD"] + "\n")
     port = free_port()
@@ -297,7 +299,9 @@ def postgres(stack: ExitStack, cluster: Cluster, sandbox: Sandbox, work: Path) -
     done = subprocess.run(init, capture_output=True, text=True)
     pwfile.unlink()
     if done.returncode != 0:
-        raise RehearsalError(f"initdb failed: {done.stderr[-1000:]}")
+        hint = (" (bubblewrap cannot create a user namespace here: e.g. Ubuntu 24.04's AppArmor restriction, "
+                "kernel.apparmor_restrict_unprivileged_userns)") if done.stderr.startswith("bwrap:") else ""
+        raise RehearsalError(f"initdb failed{hint}: {done.stderr[-1000:]}")
     log = work / "postgres.log"
     proc = start(stack, sandbox.argv([str(bindir / "postgres"), "-D", "/var/lib/postgresql/data", "-h", "127.0.0.1",
                                       "-p", str(port), "-k", "/tmp"],
@@ -327,6 +331,8 @@ def mlflow_server(stack: ExitStack, cluster: Cluster, sandbox: Sandbox, work: Pa
     env = container_env(container, cluster, "Deployment mlflow")
     # stand-in for the postgres Service: its DNS name and port, rewritten to the local server
     env = {k: v.replace("@postgres:5432/", f"@127.0.0.1:{pg_port}/") for k, v in env.items()}
+    if "--host 0.0.0.0" not in container["args"][0]:
+        raise RehearsalError("the MLflow Deployment no longer says --host 0.0.0.0; update the rehearsal's loopback rewrite")
     script = container["args"][0].replace("--host 0.0.0.0", "--host 127.0.0.1")  # servers bind loopback here
     if f"--port {MLFLOW_PORT}" not in script:
         raise RehearsalError(f"the MLflow Deployment no longer serves on {MLFLOW_PORT}; update the rehearsal")
@@ -576,21 +582,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, databases, pipeline outputs)")
     p.add_argument("--drop-secret-key", default=None, metavar="KIND/NAME/KEY", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    for tool in ("bwrap", "kubectl"):
+    hints = {"bwrap": "Debian: apt-get install bubblewrap", "kubectl": "kubectl with kustomize, from Kubernetes' package "
+             "repository (https://kubernetes.io/docs/tasks/tools/); Debian's kubernetes-client is too old"}
+    for tool, hint in hints.items():
         if shutil.which(tool) is None:
-            print(f"rehearsal: {tool} is not installed (apt-get install {'bubblewrap' if tool == 'bwrap' else 'kubectl'})",
-                  file=sys.stderr)
+            print(f"rehearsal: {tool} is not installed ({hint})", file=sys.stderr)
             return 2
+    if a.workdir and Path(a.workdir).exists() and any(Path(a.workdir).iterdir()):
+        print(f"rehearsal: --workdir {a.workdir} is not empty; name a new folder", file=sys.stderr)
+        return 2
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="vidistill-rehearsal-"))
     t0 = time.monotonic()
     try:
         rehearse((ROOT / a.overlay).resolve(), work.resolve(), drop_secret_key=a.drop_secret_key)
-    except RehearsalError as e:
+    except RehearsalError as e:  # the work folder stays: its logs say why
         print(f"rehearsal failed: {e} (logs: {work})", file=sys.stderr)
         return 1
-    finally:
-        if not a.keep and not a.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    if not a.keep and not a.workdir:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"[rehearsal] passed in {time.monotonic() - t0:.0f} s")
     return 0
 

@@ -110,14 +110,15 @@ def test_mlflow_failures_are_one_line(guarded_mlflow):
             assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_tracking_error_messages():
+def test_tracking_error_messages(monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from vidistill.registry.tracking import tracking_error_message
+    from vidistill.registry.tracking import redact, tracking_error_message
 
-    os.environ.setdefault("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:s3cret@mlflow:5000")
+    assert redact("http://user:s3cret@mlflow:5000") == "http://***@mlflow:5000"
     unauth = MlflowException("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed with error code 401 != 200")
-    assert "MLFLOW_TRACKING_USERNAME" in tracking_error_message(unauth)
+    assert "MLFLOW_TRACKING_USERNAME" in tracking_error_message(unauth) and "s3cret" not in tracking_error_message(unauth)
     assert "403 Forbidden" in tracking_error_message(MlflowException("failed with error code 403 != 200. Response body: ''"))
     assert tracking_error_message(KeyError("x")) is None  # a bug keeps its traceback
 
@@ -148,6 +149,21 @@ def test_threads_from_the_cgroup_quota(tmp_path, files, expected):
         (tmp_path / name).write_text(text)
     got = default_threads(tmp_path)
     assert got == (None if expected is None else min(expected, os.cpu_count() or 1))
+
+
+def test_sessions_take_the_quota_threads(monkeypatch, tmp_path):
+    """make_session applies `default_threads` when no count is asked for, and an explicit count wins."""
+    import torch
+
+    from vidistill.export import runtime
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), str(path), dynamo=False)
+    monkeypatch.setattr(runtime, "default_threads", lambda: 1)
+    assert runtime.make_session(path).get_session_options().intra_op_num_threads == 1
+    monkeypatch.setattr(runtime, "default_threads", lambda: None)
+    assert runtime.make_session(path).get_session_options().intra_op_num_threads == 0  # ORT's own default
+    assert runtime.make_session(path, threads=2).get_session_options().intra_op_num_threads == 2
 
 
 # --- 4. new videos reach prep: the dataset's fingerprint keys prep's cache ----------------------------

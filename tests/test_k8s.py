@@ -6,12 +6,13 @@ and the pod templates inside the custom resources, are validated strictly agains
 OpenAPI schemas of K8S_VERSION with kubernetes-validate; custom resources (PyTorchJob,
 ServingRuntime, InferenceService) get field checks of their own. Every pod must meet the security
 baseline, every reference (PVC, Secret, ConfigMap, runtime) must resolve, NetworkPolicies must let
-exactly the intended traffic in, and Secrets hold placeholders only.
+exactly the intended traffic in, and no Secret is in the manifests (k8s/create-secrets.sh makes them).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import functools
 import re
 import shutil
@@ -309,8 +310,16 @@ def walk(node: Any) -> Iterator[dict[str, Any]]:
             yield from walk(item)
 
 
+def created_secrets(env: dict[str, str] | None = None) -> list[Resource]:
+    """The Secrets k8s/create-secrets.sh prints (what k8s/README.md tells users to apply before the overlay)."""
+    out = subprocess.run(["bash", str(K8S / "create-secrets.sh"), *(env or {}).pop("ARGS", "").split()],
+                         capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"], **(env or {})})
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
 def test_references_resolve(overlay: tuple[str, list[Resource]]) -> None:
     _, resources = overlay
+    resources = resources + created_secrets()  # the objects a user creates, as k8s/README.md says
     pvcs = {r["metadata"]["name"] for r in find(resources, "PersistentVolumeClaim")}
     secrets = {r["metadata"]["name"]: r for r in find(resources, "Secret")}
     configmaps = {r["metadata"]["name"]: r for r in find(resources, "ConfigMap")}
@@ -324,6 +333,8 @@ def test_references_resolve(overlay: tuple[str, list[Resource]]) -> None:
                     assert ref["name"] in known, f"{r['metadata']['name']}: {ref_key} {ref['name']}"
             for ref_key, known in (("secretKeyRef", secrets), ("configMapKeyRef", configmaps)):
                 ref = node.get(ref_key)
+                if ref and ref.get("optional") and ref["name"] not in known:
+                    continue  # an optional Secret the user may create (create-secrets.sh auth)
                 if ref:
                     data = {**known[ref["name"]].get("data", {}), **known[ref["name"]].get("stringData", {})}
                     assert ref["key"] in data, f"{r['metadata']['name']}: {ref['name']}.{ref['key']}"
@@ -361,18 +372,21 @@ def test_env_expansions_refer_to_earlier_variables(overlay: tuple[str, list[Reso
 # secrets: placeholders only
 
 
-def test_secrets_hold_placeholders_only(overlay: tuple[str, list[Resource]]) -> None:
+def test_no_secret_in_the_manifests(overlay: tuple[str, list[Resource]]) -> None:
+    """Secrets are never in the manifests (`kubectl apply -k` would put placeholders back over the real ones,
+    issue 25): create-secrets.sh makes them, with a fresh random password each time it is asked to."""
     import base64
 
     _, resources = overlay
-    secrets = find(resources, "Secret")
-    assert {s["metadata"]["name"] for s in secrets} == {"vidistill-postgres", "vidistill-mlflow-s3"}
-    for s in secrets:
-        values = dict(s.get("stringData", {}))
-        values.update({k: base64.b64decode(v).decode() for k, v in s.get("data", {}).items()})
-        for key, value in values.items():
-            if CREDENTIAL_KEY.search(key):
-                assert value == PLACEHOLDER, f"Secret {s['metadata']['name']}.{key} must be the placeholder {PLACEHOLDER}"
+    assert not find(resources, "Secret"), [s["metadata"]["name"] for s in find(resources, "Secret")]
+    first, second = created_secrets(), created_secrets()
+    assert [s["metadata"]["name"] for s in first] == ["vidistill-postgres"]
+
+    def password(secrets: list[Resource]) -> str:
+        return base64.b64decode(secrets[0]["data"]["POSTGRES_PASSWORD"]).decode()
+    assert re.fullmatch(r"[0-9a-f]{48}", password(first)) and password(first) != password(second)
+    auth = created_secrets({"ARGS": "auth", "MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "p"})
+    assert [s["metadata"]["name"] for s in auth] == ["vidistill-mlflow-auth"]  # added later, the database login untouched
 
 
 def test_no_literal_credentials_outside_secrets(overlay: tuple[str, list[Resource]]) -> None:
@@ -563,7 +577,8 @@ def test_inference_service(overlay: tuple[str, list[Resource]]) -> None:
     argv = c["command"] + c["args"]
     assert argv[:3] == ["python", "-m", "vidistill.serve"]
     assert argv[argv.index("--model") + 1] == "$(VIDISTILL_MODEL_URI)" and float(argv[argv.index("--watch") + 1]) > 0
-    env = {e["name"]: e["valueFrom"]["configMapKeyRef"] for e in c["env"]}
+    env = {e["name"]: e["valueFrom"]["configMapKeyRef"] for e in c["env"] if "configMapKeyRef" in e["valueFrom"]}
+    assert all(e["valueFrom"]["secretKeyRef"]["optional"] for e in c["env"] if "secretKeyRef" in e["valueFrom"])
     config = one(resources, "ConfigMap", env["MLFLOW_TRACKING_URI"]["name"])
     assert config["data"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow.")
     assert argv[argv.index("--port") + 1] == "8080" and argv[argv.index("--host") + 1] == "0.0.0.0"
@@ -671,7 +686,8 @@ def _mutations() -> list[tuple[str, Any]]:
         one(rs, "NetworkPolicy", "allow-postgres-from-mlflow")["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
 
     def real_password(rs: list[Resource]) -> None:
-        one(rs, "Secret", "vidistill-postgres")["stringData"]["POSTGRES_PASSWORD"] = "hunter2hunter2"
+        rs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vidistill-postgres"},
+                   "stringData": {"POSTGRES_PASSWORD": "hunter2hunter2"}})
 
     def root_trainer(rs: list[Resource]) -> None:
         runtime = one(rs, "ClusterTrainingRuntime", "vidistill-torch")
@@ -688,7 +704,7 @@ def _mutations() -> list[tuple[str, Any]]:
         del one(rs, "Job", "vidistill-gpu-check")["spec"]["template"]["spec"]["tolerations"]
 
     return [(test_pod_security, rw_root), (test_pod_security, no_limits), (test_pod_security, root_runtime),
-            (test_network_policies, open_postgres), (test_secrets_hold_placeholders_only, real_password),
+            (test_network_policies, open_postgres), (test_no_secret_in_the_manifests, real_password),
             (test_gpu_pods_scheduled_on_gpu_pool, no_toleration), (test_pod_security, root_trainer),
             (test_trainjob, no_resume), (test_network_policies, open_ddp)]
 

@@ -335,9 +335,17 @@ def test_watch_follows_the_champion_and_logged_model_uris_resolve(mlflow_server,
         assert promote(name, second, margin=0.01)["decision"] == "champion"
         import time
 
+        x = np.random.default_rng(0).random((1, 3, FRAMES, SIZE, SIZE), dtype=np.float32)
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        versions = set()
         deadline = time.monotonic() + 60
         while h.get_model_metadata(name)["versions"] != [second] and time.monotonic() < deadline:
-            time.sleep(0.5)
+            got = h.infer(name, [inp])  # traffic through the swap: every request answered, by one version or the other
+            assert got.as_numpy("logits").shape == (1, len(CLASSES))
+            versions.add(got.get_response()["model_version"])
+            time.sleep(0.1)
+        assert versions <= {first, second}
         assert h.get_model_metadata(name)["versions"] == [second]
         assert h.is_model_ready(name, second) and not h.is_model_ready(name, first)
     finally:

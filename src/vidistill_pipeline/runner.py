@@ -356,9 +356,14 @@ def _auth() -> dict[str, Any]:
 
 def _headers() -> dict[str, str]:
     """The same auth as HTTP headers, for the version check before the kfp client is built."""
+    from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH
+
     headers = {}
+    token_file = Path(os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or KF_PIPELINES_SA_TOKEN_PATH)
     if os.environ.get(TOKEN_ENV):
         headers["Authorization"] = f"Bearer {os.environ[TOKEN_ENV]}"
+    elif token_file.is_file():
+        headers["Authorization"] = f"Bearer {token_file.read_text().strip()}"
     if os.environ.get(COOKIES_ENV):
         headers["Cookie"] = os.environ[COOKIES_ENV]
     return headers
@@ -398,13 +403,21 @@ def check_backend(host: str, *, timeout: float = 15.0) -> dict[str, Any]:
     if r.status_code in (401, 403):
         raise SubmitError(f"{host} refused the credentials ({r.status_code}): {login}")
     if r.status_code == 404:
-        old = requests.get(host.rstrip("/") + "/apis/v1beta1/healthz", headers=_headers(), timeout=timeout)
-        tag = old.json().get("tag_name", "?") if old.ok and "json" in old.headers.get("content-type", "") else "?"
+        tag = "?"
+        try:
+            old = requests.get(host.rstrip("/") + "/apis/v1beta1/healthz", headers=_headers(), timeout=timeout)
+            if old.ok and "json" in old.headers.get("content-type", ""):
+                tag = str(old.json().get("tag_name", "?"))
+        except (requests.exceptions.RequestException, ValueError):
+            pass
         raise SubmitError(f"the Kubeflow Pipelines backend at {host} has no v2 API (version {tag}); vidistill's "
                           f"pipeline needs KFP >= {minimum}: upgrade Kubeflow Pipelines")
     if not r.ok:
         raise SubmitError(f"{host}/apis/v2beta1/healthz answered {r.status_code} {r.reason}; is --host the KFP API?")
-    info = r.json()
+    try:
+        info = r.json()
+    except ValueError:
+        raise SubmitError(f"{host}/apis/v2beta1/healthz did not answer JSON; is --host the KFP API?") from None
     found = _version(str(info.get("tag_name", "")))
     if found is not None and found < MIN_KFP_BACKEND:
         raise SubmitError(f"the Kubeflow Pipelines backend at {host} is {info.get('tag_name')}; vidistill's pipeline "

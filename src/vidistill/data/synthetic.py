@@ -446,11 +446,11 @@ def generate(cfg: SynthConfig, *, progress: bool = True, writer: str = "prep") -
             info = json.loads((out / "synth.json").read_text())
         except json.JSONDecodeError:
             info = {}
-        owner = info.get("writer", "prep")
+        owner = info.get("writer", "prep")  # a synth.json from before writers were recorded: prep's
         if owner != writer:
             old, new = info.get("params", {}), _params(cfg)
             differ = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in sorted(set(old) | set(new))
-                               if old.get(k) != new.get(k))
+                               if old.get(k) != new.get(k)) or "the same settings, but some of its videos are missing"
             raise ConfigError(f"{out} holds videos `vidistill {owner}` wrote with other settings ({differ}); {writer} will "
                               f"not replace them: read them as they are (prep.dataset: folder), set prep.synth.* to "
                               f"match, or choose another folder")

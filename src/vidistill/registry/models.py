@@ -332,11 +332,19 @@ def promote(model_name: str, version: str | int, *, margin: float, metric: str =
     elif champ_version == version:
         decision, reason = CHAMPION, f"version {version} is already the champion"
     elif current.tags.get("data_hash") != cand.tags.get("data_hash") and _new_classes(current, cand):
-        # new data that adds classes: the champion cannot name them, so it cannot be the better model on
-        # the new evaluation set (issue 25: a new class folder must reach serving)
-        decision = CHAMPION
-        reason = (f"the candidate knows classes the champion v{champ_version} cannot name "
-                  f"({', '.join(_new_classes(current, cand))}); {metric}={cand_value:.4f} on the new data, parity passed")
+        # new data that adds classes: the champion cannot name them, so it cannot be the better model on the
+        # new evaluation set (issue 25: a new class folder must reach serving), unless the candidate is worse
+        # than guessing
+        added = ", ".join(_new_classes(current, cand))
+        chance = 1.0 / len(json.loads(cand.tags["classes"]))
+        if cand_value >= chance:
+            decision = CHAMPION
+            reason = (f"the candidate knows classes the champion v{champ_version} cannot name ({added}); "
+                      f"{metric}={cand_value:.4f} on the new data (chance {chance:.4f}), parity passed")
+        else:
+            decision = "refused"
+            reason = (f"the candidate adds classes ({added}) but its {metric} {cand_value:.4f} is below chance "
+                      f"({chance:.4f}); the champion v{champ_version} stays")
     elif current.tags.get("data_hash") != cand.tags.get("data_hash"):
         decision = "refused"
         reason = (

@@ -114,12 +114,26 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
     import requests
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", DEFAULT_HTTP_RETRIES)
+    # the TLS settings MLflow's own client honours
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true")
+    verify: bool | str = False if insecure else os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+    cert = os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None
     try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout, allow_redirects=False)
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout, allow_redirects=False, verify=verify, cert=cert)
+    except requests.exceptions.SSLError as e:
+        raise TrackingServerError(f"the MLflow server at {redact(uri)} fails TLS verification ({_reason(e)}); set "
+                                  "MLFLOW_TRACKING_SERVER_CERT_PATH to its CA bundle") from None
     except requests.exceptions.RequestException as e:
+        uri = redact(uri)
         raise TrackingServerError(f"no MLflow server answers at {uri} ({_reason(e)}); start it, or point "
                                   "MLFLOW_TRACKING_URI at one (on the cluster: kubectl -n vidistill port-forward "
                                   "svc/mlflow 5000:5000, then http://localhost:5000)") from None
+
+
+def redact(uri: str) -> str:
+    """`uri` without the user and password a URI may carry (`http://user:pass@host` -> `http://***@host`)."""
+    parts = urlparse(uri)
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl() if "@" in parts.netloc else uri
 
 
 def _reason(exc: BaseException) -> str:
@@ -144,7 +158,7 @@ def tracking_error_message(exc: BaseException) -> str | None:
 
     if isinstance(exc, TrackingServerError):
         return str(exc)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    uri = redact(os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri())
     text = " ".join(str(exc).split())
     if isinstance(exc, requests.exceptions.RequestException) or (
             isinstance(exc, MlflowException) and ("Max retries exceeded" in text or "failed with exception" in text)):

@@ -88,6 +88,7 @@ class LoadedModel:
     source: str = ""
     load_seconds: float = 0.0
     platform: str = "onnxruntime_onnx"
+    workdir: str | None = None  # the download folder of a registry model (removed when a reload retires it)
 
     @cached_property
     def inputs(self) -> list[TensorSpec]:
@@ -143,13 +144,17 @@ def load_model(model: str, *, name: str | None = None, threads: int | None = Non
         FileNotFoundError: a path that does not exist.
     """
     t0 = time.perf_counter()
-    version = "1"
+    version, tmp = "1", None
     if model.startswith("models:/"):
         from vidistill.registry.models import download_model
 
         tmp = tempfile.mkdtemp(prefix="vidistill-serve-")
         atexit.register(shutil.rmtree, tmp, True)
-        got = download_model(model, tmp)
+        try:
+            got = download_model(model, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         path, classes, version = Path(got["onnx_path"]), got["classes"], got["version"]
         name = name or got["name"]
     else:
@@ -167,7 +172,7 @@ def load_model(model: str, *, name: str | None = None, threads: int | None = Non
     classes = classes or meta.get("classes") or [str(i) for i in range(meta.get("num_classes", 0))]
     loaded = LoadedModel(
         name=name or "vidistill", version=version, session=session, classes=list(classes),
-        frames=meta["frames"], size=meta["size"], preprocess=meta.get("preprocess", {}), source=model,
+        frames=meta["frames"], size=meta["size"], preprocess=meta.get("preprocess", {}), source=model, workdir=tmp,
     )
     loaded.inputs, loaded.outputs  # noqa: B018 - refuse a non-float32 model at load time
     loaded.load_seconds = time.perf_counter() - t0
@@ -179,10 +184,11 @@ class ServerState:
     """What both front ends share: the model, the runner (batching), the metrics."""
 
     model: LoadedModel
-    runner: Runner
+    runner: Runner  # runs `model` only: a request takes (model, runner) together, so a batch never mixes models
     metrics: ServerMetrics
     ready: bool = True
     threads: int | None = None  # ONNX Runtime intra-op threads of every session this server opens
+    make_runner: Callable[[LoadedModel], Runner] | None = None  # a runner with the server's batching settings
 
     def check_model(self, name: str, version: str | None) -> None:
         """404 unless `name` (and `version`, when given) is the served model."""
@@ -224,12 +230,28 @@ async def watch_alias(state: ServerState, period_s: float) -> None:
             log.warning("watch %s: %s: %s (still serving version %s)", uri, type(e).__name__, " ".join(str(e).split()),
                         state.model.version)
             continue
-        old = state.model
+        old, old_runner = state.model, state.runner
+        runner = state.make_runner(new)
+        runner.start()
+        state.model, state.runner = new, runner  # no await between: every request sees both old or both new
         state.metrics.model_info.labels(old.name, old.version, old.source).set(0)
         state.metrics.model_info.labels(new.name, new.version, new.source).set(1)
         state.metrics.load_seconds.set(new.load_seconds)
-        state.model = new
         log.warning("watch %s: now serving version %s (was %s)", uri, new.version, old.version)
+        task = asyncio.get_running_loop().create_task(_retire(old, old_runner))
+        _retiring.add(task)  # a reference, so the task is not collected before it runs
+        task.add_done_callback(_retiring.discard)
+
+
+_retiring: set[asyncio.Task] = set()
+
+
+async def _retire(model: LoadedModel, runner: Runner, grace_s: float = 30.0) -> None:
+    """Stop a replaced model's runner once the requests that took it have finished, then free its download."""
+    await asyncio.sleep(grace_s)
+    await runner.stop()
+    if model.workdir:
+        shutil.rmtree(model.workdir, ignore_errors=True)
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -335,10 +357,10 @@ def create_app(
     metrics = ServerMetrics.create()
     metrics.load_seconds.set(model.load_seconds)
     metrics.model_info.labels(model.name, model.version, model.source).set(1)
-    state = ServerState(model=model, runner=None, metrics=metrics)  # type: ignore[arg-type]
-    # the runner calls whichever model is current, so a reload (`watch_s`) swaps it between two requests
-    runner = Runner(lambda x: state.model.run(x), metrics, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    state.runner = runner
+    def make_runner(m: LoadedModel) -> Runner:
+        return Runner(m.run, metrics, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+    state = ServerState(model=model, runner=make_runner(model), metrics=metrics, make_runner=make_runner)
     prep = PrepConfig()
     pre = {
         "stride": prep.stride, "short_side": prep.short_side, "short_policy": prep.short_policy,
@@ -347,7 +369,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runner.start()
+        state.runner.start()
         watcher = asyncio.get_running_loop().create_task(watch_alias(state, watch_s)) if watch_s else None
         grpc_server = None
         if grpc_port is not None:
@@ -362,7 +384,7 @@ def create_app(
                 watcher.cancel()
             if grpc_server is not None:
                 await grpc_server.stop(grace=2)
-            await runner.stop()
+            await state.runner.stop()
 
     app = FastAPI(title="vidistill", version=__version__, lifespan=lifespan)
     app.state.server = state
@@ -411,7 +433,7 @@ def create_app(
 
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         state.check_model(name, version)
-        model = state.model
+        model, runner = state.model, state.runner  # together: a reload between two awaits cannot split them
         body = await read_body(request, limit)
         req = parse_rest(body, request.headers.get(INFERENCE_HEADER), model.inputs, model.outputs)
         outs = await runner(req.x)
@@ -422,7 +444,7 @@ def create_app(
 
     async def classify(name: str, request: Request, top_k: int = 5, clips: int | None = None, version: str | None = None) -> Response:
         state.check_model(name, version)
-        model = state.model
+        model, runner = state.model, state.runner
         if top_k < 1:
             raise ProtocolError(400, f"top_k must be >= 1, got {top_k}")
         n_clips = pre["clips"] if clips is None else clips

@@ -143,9 +143,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def fn() -> Any:
             self._check_model(request.model_name, request.model_version)
+            model, runner = self.state.model, self.state.runner  # together: a reload cannot split them
             x, outputs = parse_grpc(request, self.state)
-            outs = await self.state.runner(x)
-            resp = service_pb2.ModelInferResponse(model_name=self.state.model.name, model_version=self.state.model.version, id=request.id)
+            outs = await runner(x)
+            resp = service_pb2.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
             for name in outputs:
                 arr = np.ascontiguousarray(outs[name], dtype="<f4")
                 resp.outputs.add(name=name, datatype=FP32, shape=list(arr.shape))
