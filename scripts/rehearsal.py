@@ -54,6 +54,12 @@ SERVICE_HOSTS = ("mlflow", "mlflow.vidistill", "mlflow.vidistill.svc", "mlflow.v
 MLFLOW_PORT = 5000  # the Service's port: the tracking URI and --allowed-hosts name it
 
 
+# what the image holds: the checkout and its Python environment (bound read-only into every sandbox, also
+# where they live under /tmp or /home, which the sandboxes replace with empty tmpfs)
+IMAGE_PATHS = sorted({Path(p).resolve() for p in (ROOT, sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent)
+                      if Path(p).resolve().parts[1:2] in (("tmp",), ("home",), ("run",))})
+
+
 class RehearsalError(Exception):
     """A step of the rehearsal failed; the message names the task, object or check."""
 
@@ -214,8 +220,10 @@ class Sandbox:
             if entry.name in ("proc", "dev", "tmp", "sys", "home", "run"):
                 continue
             args += ["--symlink", os.readlink(entry), str(entry)] if entry.is_symlink() else ["--ro-bind", str(entry), str(entry)]
-        args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/home",
-                 "--dir", home, "--ro-bind", str(self.hosts), "/etc/hosts", "--ro-bind", str(self.passwd), "/etc/passwd",
+        args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/home"]
+        for path in IMAGE_PATHS:  # the image's code, wherever this checkout lives (a clone under /tmp included)
+            args += ["--ro-bind", str(path), str(path)]
+        args += ["--dir", home, "--ro-bind", str(self.hosts), "/etc/hosts", "--ro-bind", str(self.passwd), "/etc/passwd",
                  "--ro-bind", str(self.group), "/etc/group"]
         for mount in volumes:  # a mount point the image lacks: an empty directory above it, as a runtime makes
             parent = Path(mount).parent
