@@ -19,5 +19,6 @@ if str(PLUGINS) not in sys.path:
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
     """The cluster rehearsal runs last: it is the longest test and starts PostgreSQL, MLflow and a predictor,
     and the two-process SAKD test (torchrun, gloo) that sorts after it hung in two full runs that ran the
-    rehearsal first, while it passed in every other order (not understood yet; issue 25's note)."""
+    rehearsal first, while it passed alone and after it in another process (not understood yet; see the
+    session note on issue 25)."""
     items.sort(key=lambda item: item.nodeid.endswith("test_rehearsal.py::test_cluster_rehearsal"))

@@ -511,7 +511,6 @@ def test_sakd_under_two_processes_scores_shards_and_selects_once(clips, tmp_path
         torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    env["GLOO_SOCKET_IFNAME"] = "lo"  # both ranks are on this machine (as tests/test_distributed.py)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(WORKER), clips["clips"], clips["teacher"], str(tmp_path / "ddp")],
                           env=env, capture_output=True, text=True, timeout=300)
